@@ -1,0 +1,93 @@
+"""The optimizer interface (pure NumPy, optax-like).
+
+An optimizer is an immutable configuration with two pure functions:
+
+* ``init(params) -> state``: a flat ``dict[str, np.ndarray]`` (keys like
+  ``"mu.w"`` or ``"count"``; never ``/``), so that state maps one-to-one onto
+  arrays of a parameter store;
+* ``update(grads, state, params) -> (updates, state)``: ``updates`` is added
+  to ``params`` by :func:`apply_updates`.
+
+``grads`` are *mean* gradients including the regularization term.
+Step-by-step optimizers (SGD, Adam, ...) have ``full_batch_only = False``;
+:class:`~dasktrain.optim.LBFGS` drives its own line search over full passes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = [
+    "OptState",
+    "Optimizer",
+    "Params",
+    "apply_updates",
+    "optimizer_from_config",
+    "register",
+]
+
+Params = dict[str, np.ndarray]
+OptState = dict[str, np.ndarray]
+
+_REGISTRY: dict[str, type[Optimizer]] = {}
+
+
+def register(cls: type[Optimizer]) -> type[Optimizer]:
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def optimizer_from_config(config: Mapping[str, Any]) -> Optimizer:
+    """Rebuild an optimizer from :meth:`Optimizer.config` (JSON data, no code)."""
+    cfg = dict(config)
+    kind = cfg.pop("type", None)
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown optimizer type {kind!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[kind].from_config(cfg)
+
+
+def apply_updates(params: Mapping[str, np.ndarray], updates: Mapping[str, np.ndarray]) -> Params:
+    """``params + updates``, name by name."""
+    return {k: np.asarray(params[k] + updates[k], dtype=np.float64) for k in params}
+
+
+class Optimizer(ABC):
+    kind: ClassVar[str]
+    full_batch_only: ClassVar[bool] = False
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """JSON-serializable configuration with ``"type": self.kind``."""
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Optimizer:
+        return cls(**config)
+
+    @abstractmethod
+    def init(self, params: Mapping[str, np.ndarray]) -> OptState: ...
+
+    @abstractmethod
+    def update(
+        self,
+        grads: Mapping[str, np.ndarray],
+        state: Mapping[str, np.ndarray],
+        params: Mapping[str, np.ndarray],
+    ) -> tuple[Params, OptState]: ...
+
+    def learning_rate_at(self, step: int) -> float:
+        """The learning rate used at optimizer step ``step`` (0-based)."""
+        return float("nan")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.config() == self.config()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(repr(self.config()))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,220 @@
+"""Partial results of a pass over data, and their fixed-shape tree reduction.
+
+A :class:`Partial` holds *sums* over the rows it covers (loss, gradients,
+metrics) and the row count.  ``combine`` adds two partials; it is associative
+in exact arithmetic, and :func:`tree_reduce` fixes the order of additions so
+that floating point results depend only on the number of leaves, never on
+which worker computed what or when results arrived.
+
+This module imports neither dask nor zarr.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "Partial",
+    "RowSparse",
+    "combine",
+    "covering_nodes",
+    "node_span",
+    "reduce_node",
+    "tree_depth",
+    "tree_reduce",
+]
+
+
+@dataclass(frozen=True)
+class RowSparse:
+    """A row-sparse gradient: ``values[i]`` belongs to row ``rows[i]`` of a
+    tensor of shape ``shape``.  ``rows`` is sorted and unique."""
+
+    rows: np.ndarray
+    values: np.ndarray
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.rows.ndim != 1 or self.values.shape[0] != self.rows.shape[0]:
+            raise ValueError("RowSparse: rows must be 1-d and match values' first axis")
+
+    @classmethod
+    def from_unsorted(
+        cls, rows: np.ndarray, values: np.ndarray, shape: tuple[int, ...]
+    ) -> RowSparse:
+        """Sum duplicate rows and sort (deterministic: ``np.add.at`` in input
+        order)."""
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        out = np.zeros((uniq.shape[0], *values.shape[1:]), dtype=values.dtype)
+        np.add.at(out, inverse, values)
+        return cls(uniq.astype(np.int64), out, tuple(shape))
+
+    def to_dense(self) -> np.ndarray:
+        dense = np.zeros(self.shape, dtype=self.values.dtype)
+        dense[self.rows] = self.values
+        return dense
+
+    def __add__(self, other: RowSparse) -> RowSparse:
+        if self.shape != other.shape:
+            raise ValueError(f"RowSparse shapes differ: {self.shape} vs {other.shape}")
+        rows = np.concatenate([self.rows, other.rows])
+        values = np.concatenate([self.values, other.values])
+        return RowSparse.from_unsorted(rows, values, self.shape)
+
+    def scaled(self, factor: float) -> RowSparse:
+        return RowSparse(self.rows, self.values * factor, self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.rows.nbytes + self.values.nbytes)
+
+
+Grad = np.ndarray | RowSparse
+
+
+@dataclass(frozen=True)
+class Partial:
+    """Sums over a set of rows.
+
+    Attributes
+    ----------
+    loss_sum:
+        Sum of the per-row data loss (no regularization), float64.
+    grads:
+        Parameter name -> sum over rows of the gradient of the per-row loss
+        (float64 dense arrays, or :class:`RowSparse`).
+    n_rows:
+        Number of rows summed.
+    metrics:
+        Other sums, e.g. ``{"correct": 1234.0}`` for classifiers.
+    """
+
+    loss_sum: float
+    grads: Mapping[str, Grad]
+    n_rows: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(g.nbytes) for g in self.grads.values())
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.n_rows if self.n_rows else float("nan")
+
+    def mean_grads(self) -> dict[str, Grad]:
+        scale = 1.0 / self.n_rows if self.n_rows else float("nan")
+        return {
+            k: (g.scaled(scale) if isinstance(g, RowSparse) else g * scale)
+            for k, g in self.grads.items()
+        }
+
+
+def combine(a: Partial, b: Partial) -> Partial:
+    """Add two partials (``a`` first: the order is part of the result)."""
+    if a.grads.keys() != b.grads.keys():
+        raise ValueError(
+            f"cannot combine partials with different gradients: "
+            f"{sorted(a.grads)} vs {sorted(b.grads)}"
+        )
+    grads: dict[str, Grad] = {}
+    for k, ga in a.grads.items():
+        gb = b.grads[k]
+        if isinstance(ga, RowSparse) or isinstance(gb, RowSparse):
+            if not (isinstance(ga, RowSparse) and isinstance(gb, RowSparse)):
+                raise TypeError(f"gradient {k!r} is dense in one partial, sparse in other")
+            grads[k] = ga + gb
+        else:
+            grads[k] = ga + gb
+    metrics = dict(a.metrics)
+    for k, v in b.metrics.items():
+        metrics[k] = metrics.get(k, 0.0) + v
+    return Partial(a.loss_sum + b.loss_sum, grads, a.n_rows + b.n_rows, metrics)
+
+
+# ---------------------------------------------------------------------------
+# The fixed reduction tree.
+#
+# Leaves are positions 0 .. n-1.  Node (level, i) covers leaves
+# [i * 2**level, min((i + 1) * 2**level, n)).  A node with two non-empty
+# children is combine(left, right); a node whose right child is empty is its
+# left child unchanged.  The root is (tree_depth(n), 0).  Any worker that holds
+# every leaf of a node may compute that node itself: the result is the same
+# bits, because the same additions happen in the same order.
+# ---------------------------------------------------------------------------
+
+Node = tuple[int, int]
+
+
+def tree_depth(n_leaves: int) -> int:
+    """Level of the root of the tree over ``n_leaves`` leaves."""
+    if n_leaves < 1:
+        raise ValueError("a reduction tree needs at least one leaf")
+    return int(n_leaves - 1).bit_length()
+
+
+def node_span(node: Node, n_leaves: int) -> range:
+    level, i = node
+    start = i << level
+    return range(start, min((i + 1) << level, n_leaves))
+
+
+def covering_nodes(leaves: Iterable[int], n_leaves: int) -> list[Node]:
+    """The maximal tree nodes whose leaves are all in ``leaves``, in leaf order.
+
+    A worker holding ``leaves`` reduces each of these nodes locally and sends
+    only them.
+    """
+    held = set(leaves)
+    out: list[Node] = []
+
+    def visit(node: Node) -> None:
+        span = node_span(node, n_leaves)
+        if len(span) == 0:
+            return
+        if all(j in held for j in span):
+            out.append(node)
+            return
+        level, i = node
+        if level == 0:
+            return
+        visit((level - 1, 2 * i))
+        visit((level - 1, 2 * i + 1))
+
+    visit((tree_depth(n_leaves), 0))
+    return out
+
+
+def reduce_node(node: Node, n_leaves: int, known: Mapping[Node, Partial]) -> Partial:
+    """Value of ``node`` from known nodes (leaves or pre-reduced subtrees)."""
+    if node in known:
+        return known[node]
+    level, i = node
+    if level == 0:
+        raise KeyError(f"leaf {i} of the reduction tree is missing")
+    left = (level - 1, 2 * i)
+    right = (level - 1, 2 * i + 1)
+    if len(node_span(right, n_leaves)) == 0:
+        return reduce_node(left, n_leaves, known)
+    return combine(reduce_node(left, n_leaves, known), reduce_node(right, n_leaves, known))
+
+
+def tree_reduce(
+    items: Mapping[Node, Partial] | list[Partial], n_leaves: int | None = None
+) -> Partial:
+    """Reduce partials by the fixed tree.
+
+    ``items`` is either the list of leaf partials in leaf order, or a mapping
+    ``(level, index) -> Partial`` of nodes that together cover all leaves.
+    """
+    if isinstance(items, list):
+        n = len(items)
+        known: dict[Node, Partial] = {(0, j): p for j, p in enumerate(items)}
+    else:
+        if n_leaves is None:
+            raise ValueError("n_leaves is required when reducing tree nodes")
+        n = n_leaves
+        known = dict(items)
+    return reduce_node((tree_depth(n), 0), n, known)
