@@ -65,7 +65,9 @@ class Model(ABC):
         return cls(**config)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.config() == self.config()  # type: ignore[attr-defined]
+        return isinstance(other, Model) and type(other) is type(self) and (
+            other.config() == self.config()
+        )
 
     def __hash__(self) -> int:
         return hash(repr(sorted(self.config().items())))

@@ -50,7 +50,9 @@ def optimizer_from_config(config: Mapping[str, Any]) -> Optimizer:
     return _REGISTRY[kind].from_config(cfg)
 
 
-def apply_updates(params: Mapping[str, np.ndarray], updates: Mapping[str, np.ndarray]) -> Params:
+def apply_updates(
+    params: Mapping[str, np.ndarray], updates: Mapping[str, np.ndarray]
+) -> Params:
     """``params + updates``, name by name."""
     return {k: np.asarray(params[k] + updates[k], dtype=np.float64) for k in params}
 
@@ -83,7 +85,9 @@ class Optimizer(ABC):
         return float("nan")
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.config() == self.config()  # type: ignore[attr-defined]
+        return isinstance(other, Optimizer) and type(other) is type(self) and (
+            other.config() == self.config()
+        )
 
     def __hash__(self) -> int:
         return hash(repr(self.config()))

@@ -1,0 +1,24 @@
+"""Models: pure NumPy kernels turning parameters and a batch into sums.
+
+Each model holds hyper-parameters only; :meth:`~Model.config` and
+:func:`model_from_config` round-trip it through JSON data.
+"""
+
+from __future__ import annotations
+
+from dasktrain.models.base import Model, model_from_config
+from dasktrain.models.linear import (
+    LinearRegression,
+    LogisticRegression,
+    SoftmaxRegression,
+)
+from dasktrain.models.mlp import MLP
+
+__all__ = [
+    "MLP",
+    "LinearRegression",
+    "LogisticRegression",
+    "Model",
+    "SoftmaxRegression",
+    "model_from_config",
+]

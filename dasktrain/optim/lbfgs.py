@@ -1,0 +1,806 @@
+"""L-BFGS for full-batch training, as pure building blocks (pure NumPy).
+
+Each evaluation of the objective is a pass over a large dataset, done
+remotely by the trainer.  So L-BFGS is not an ``update`` function: it is a
+set of pure pieces that a driver strings together, keeping evaluations few.
+All vectors are flat float64 (see :func:`dasktrain._tree.flatten`).
+
+* :func:`two_loop_direction`: the quasi-Newton direction from the history.
+* :class:`WolfeLineSearch`: a strong-Wolfe line search as a state machine;
+  the caller evaluates the trial points it asks for.
+* :class:`LBFGS`: the configuration, the state (history of ``(s, y)`` pairs)
+  and the convergence test.
+* :func:`minimize_lbfgs`: the reference driver loop.
+
+A driver does, with ``opt = LBFGS()`` and ``f, g = fun_and_grad(x)``::
+
+    state = opt.init_state(x.size)          # or opt.init(params)
+    while not opt.converged(f, g):
+        p = opt.direction(state, g)          # descent direction
+        ls = opt.line_search(f, float(g @ p))
+        trials = []
+        while not ls.done:
+            alpha = ls.next_alpha()
+            f_t, g_t = fun_and_grad(x + alpha * p)   # one pass over the data
+            ls.observe(alpha, f_t, float(g_t @ p))
+            trials.append((x + alpha * p, f_t, g_t))
+        if not ls.result.accepted:           # no decrease found along p
+            if int(state["n_hist"]) == 0:
+                break                        # not even along -g: stop
+            state = opt.reset(state)         # retry along -g
+            continue
+        x_new, f_new, g_new = trials[ls.result.trial_index]
+        state = opt.push(state, x_new - x, g_new - g)
+        x, f, g = x_new, f_new, g_new
+
+:func:`minimize_lbfgs` is exactly this loop, with an iteration limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+
+from dasktrain.optim.base import Optimizer, OptState, Params, register
+from dasktrain.optim.schedules import (
+    _check_int,
+    _check_nonnegative,
+    _check_real,
+)
+
+__all__ = [
+    "LBFGS",
+    "IterationInfo",
+    "LineSearchResult",
+    "MinimizeResult",
+    "WolfeLineSearch",
+    "minimize_lbfgs",
+    "two_loop_direction",
+]
+
+logger = logging.getLogger(__name__)
+
+#: pairs with ``s @ y <= CURVATURE_EPS * ||s|| * ||y||`` are not stored
+CURVATURE_EPS = float(np.finfo(np.float64).eps)
+#: an interpolated zoom trial keeps this fraction of the interval away from
+#: the worse end, and a much smaller one from the best end (the minimizer is
+#: often very close to the best point)
+_MARGIN_FROM_HI = 0.1
+_MARGIN_FROM_LO = 1e-3
+#: bisect if the zoom interval did not shrink by this factor in two trials
+_SHRINK_EVERY_TWO = 0.66
+#: function values closer than this (relative) are compared as equal: near a
+#: minimizer differences in ``f`` are rounding noise, slopes still inform
+_F_RTOL = 1e-12
+#: after a non-finite trial, retry at this fraction of the way from the
+#: best point to the failed one
+_NONFINITE_SHRINK = 0.25
+#: extrapolation range while bracketing: cur + [min, max] * (cur - prev)
+_EXTRAPOLATE_MIN = 1.1
+_EXTRAPOLATE_MAX = 4.0
+#: stop zooming when the interval is this small relative to the step
+_INTERVAL_RTOL = 1e-12
+
+#: line search outcomes
+WOLFE = "wolfe"  # strong Wolfe conditions hold at the accepted step
+ARMIJO = "armijo"  # steps exhausted: best step with sufficient decrease
+FAILED = "failed"  # no trial decreased the objective enough
+
+
+# -- the two-loop recursion ----------------------------------------------------
+def two_loop_direction(
+    grad: np.ndarray, s_hist: np.ndarray, y_hist: np.ndarray
+) -> np.ndarray:
+    r"""The L-BFGS direction :math:`p = -H g` by the two-loop recursion.
+
+    :math:`H` is the inverse-Hessian approximation built from the pairs
+    :math:`s_i = x_{i+1} - x_i`, :math:`y_i = g_{i+1} - g_i` (rows of
+    ``s_hist`` and ``y_hist``, oldest first), starting from
+    :math:`H_0 = \gamma I` with :math:`\gamma = s^\top y / y^\top y` of the
+    newest pair.  With an empty history the direction is
+    :math:`-g / \max(1, \lVert g \rVert_2)`, so that a unit step has norm at
+    most 1.
+
+    Parameters
+    ----------
+    grad : ndarray, shape (n,)
+    s_hist, y_hist : ndarray, shape (k, n)
+        The ``k`` stored pairs, oldest first; each with ``s @ y > 0``.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        The search direction (float64).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> hess = np.diag([1.0, 10.0])  # exact pairs of a quadratic
+    >>> s = np.eye(2)
+    >>> y = s @ hess
+    >>> p = two_loop_direction(np.array([1.0, 1.0]), s, y)
+    >>> np.round(p, 6)  # Newton's direction -H^{-1} g
+    array([-1. , -0.1])
+    """
+    g = np.asarray(grad, dtype=np.float64)
+    s_hist = np.asarray(s_hist, dtype=np.float64)
+    y_hist = np.asarray(y_hist, dtype=np.float64)
+    if s_hist.shape != y_hist.shape or s_hist.ndim != 2 or s_hist.shape[1] != g.size:
+        raise ValueError(
+            f"s_hist {s_hist.shape} and y_hist {y_hist.shape} must both have "
+            f"shape (k, {g.size})"
+        )
+    n_pairs = s_hist.shape[0]
+    if n_pairs == 0:
+        return -g / max(1.0, float(np.linalg.norm(g)))
+    rho = 1.0 / np.einsum("ij,ij->i", s_hist, y_hist)
+    alphas = np.zeros(n_pairs)
+    q = g.copy()
+    for i in range(n_pairs - 1, -1, -1):
+        alphas[i] = rho[i] * float(s_hist[i] @ q)
+        q -= alphas[i] * y_hist[i]
+    newest_s, newest_y = s_hist[-1], y_hist[-1]
+    gamma = float(newest_s @ newest_y) / float(newest_y @ newest_y)
+    r = gamma * q
+    for i in range(n_pairs):
+        beta = rho[i] * float(y_hist[i] @ r)
+        r += (alphas[i] - beta) * s_hist[i]
+    return -r
+
+
+# -- the line search ---------------------------------------------------------
+class LineSearchResult(NamedTuple):
+    """Outcome of a :class:`WolfeLineSearch`.
+
+    Attributes
+    ----------
+    status : str
+        ``"wolfe"`` (strong Wolfe conditions hold at ``alpha``), ``"armijo"``
+        (steps exhausted; ``alpha`` is the best step with sufficient decrease)
+        or ``"failed"`` (no acceptable step; ``alpha`` is 0).
+    alpha : float
+        The accepted step (0 when failed).
+    f : float
+        Objective at the accepted step.
+    gdotp : float
+        Directional derivative ``g(x + alpha p) @ p`` at the accepted step.
+    trial_index : int
+        Position of the accepted step among the observed trials (0-based),
+        -1 when failed.
+    n_evals : int
+        Number of trials observed.
+    """
+
+    status: str
+    alpha: float
+    f: float
+    gdotp: float
+    trial_index: int
+    n_evals: int
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the step decreases the objective (status is not failed)."""
+        return self.status != FAILED
+
+
+class _Trial(NamedTuple):
+    alpha: float
+    f: float
+    gdotp: float
+    position: int
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.f) and math.isfinite(self.gdotp)
+
+
+def _cubic_minimizer(a: _Trial, b: _Trial) -> float | None:
+    """Minimizer of the cubic matching values and slopes at ``a`` and ``b``."""
+    if a.alpha == b.alpha:
+        return None
+    d1 = a.gdotp + b.gdotp - 3.0 * (a.f - b.f) / (a.alpha - b.alpha)
+    radicand = d1 * d1 - a.gdotp * b.gdotp
+    if not math.isfinite(radicand) or radicand < 0.0:
+        return None
+    d2 = math.copysign(math.sqrt(radicand), b.alpha - a.alpha)
+    denominator = b.gdotp - a.gdotp + 2.0 * d2
+    if denominator == 0.0:
+        return None
+    x = b.alpha - (b.alpha - a.alpha) * (b.gdotp + d2 - d1) / denominator
+    return x if math.isfinite(x) else None
+
+
+def _quadratic_minimizer(a: _Trial, b: _Trial) -> float | None:
+    """Minimizer of the quadratic matching value and slope at ``a``, value at ``b``."""
+    step = b.alpha - a.alpha
+    if step == 0.0:
+        return None
+    curvature = (b.f - a.f - a.gdotp * step) / (step * step)
+    if not math.isfinite(curvature) or curvature <= 0.0:
+        return None
+    x = a.alpha - a.gdotp / (2.0 * curvature)
+    return x if math.isfinite(x) else None
+
+
+class WolfeLineSearch:
+    r"""A strong-Wolfe line search driven by the caller, one trial at a time.
+
+    Finds a step :math:`\alpha > 0` along a descent direction :math:`p` with
+
+    .. math::
+
+        f(x + \alpha p) \le f(x) + c_1 \alpha\, g(x)^\top p
+        \quad\text{and}\quad
+        |g(x + \alpha p)^\top p| \le c_2 |g(x)^\top p|.
+
+    Bracketing then zoom (Nocedal & Wright, Algorithms 3.5 and 3.6): trial
+    steps grow by safeguarded cubic extrapolation until an interval containing
+    acceptable steps is found, then shrink it by safeguarded cubic (or
+    quadratic) interpolation, falling back to bisection.  A trial with a
+    non-finite value or slope is treated as too long: the next trial is
+    shorter.
+
+    The object holds the machine's state; nothing is evaluated here.  Ask for
+    a step with :meth:`next_alpha`, evaluate the objective and the slope
+    there, report them with :meth:`observe`, until :attr:`done`; then read
+    :attr:`result`.
+
+    Parameters
+    ----------
+    f0 : float
+        :math:`f(x)`, finite.
+    g0_dot_p : float
+        :math:`g(x)^\top p`, finite and negative.
+    alpha0 : float
+        First trial step, ``> 0``.
+    c1, c2 : float
+        Wolfe constants, ``0 < c1 < c2 < 1``.
+    max_steps : int
+        Maximum number of trials (evaluations).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> fun = lambda a: ((a - 3.0) ** 2, 2.0 * (a - 3.0))  # along p = 1
+    >>> f0, d0 = fun(0.0)
+    >>> ls = WolfeLineSearch(f0, d0, 1.0, c1=1e-4, c2=0.1, max_steps=20)
+    >>> while not ls.done:
+    ...     alpha = ls.next_alpha()
+    ...     ls.observe(alpha, *fun(alpha))
+    >>> ls.result.status, round(ls.result.alpha, 6)
+    ('wolfe', 3.0)
+    """
+
+    def __init__(
+        self,
+        f0: float,
+        g0_dot_p: float,
+        alpha0: float = 1.0,
+        *,
+        c1: float = 1e-4,
+        c2: float = 0.9,
+        max_steps: int = 20,
+    ) -> None:
+        self._f0 = _check_real("f0", f0)
+        self._d0 = _check_real("g0_dot_p", g0_dot_p)
+        if self._d0 >= 0.0:
+            raise ValueError(
+                f"g0_dot_p must be < 0 (p must be a descent direction), got {g0_dot_p}"
+            )
+        alpha0 = _check_real("alpha0", alpha0)
+        if alpha0 <= 0.0:
+            raise ValueError(f"alpha0 must be > 0, got {alpha0}")
+        self._c1, self._c2 = _check_wolfe_constants(c1, c2)
+        self._max_steps = _check_int("max_steps", max_steps, minimum=1)
+        self._origin = _Trial(0.0, self._f0, self._d0, -1)
+        self._zooming = False
+        self._prev = self._origin
+        self._lo = self._origin
+        self._hi = self._origin
+        self._best: _Trial | None = None
+        self._widths: list[float] = []
+        self._pending = alpha0
+        self._n_evals = 0
+        self._result: LineSearchResult | None = None
+
+    # -- public state ---------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        """Whether :attr:`result` is available."""
+        return self._result is not None
+
+    @property
+    def result(self) -> LineSearchResult:
+        """The outcome; only once :attr:`done`."""
+        if self._result is None:
+            raise RuntimeError("line search is not done: observe more trials")
+        return self._result
+
+    @property
+    def n_evals(self) -> int:
+        """Number of trials observed so far."""
+        return self._n_evals
+
+    def next_alpha(self) -> float:
+        """The step to evaluate next."""
+        if self._result is not None:
+            raise RuntimeError("line search is done: read .result")
+        return self._pending
+
+    def observe(self, alpha: float, f: float, gdotp: float) -> None:
+        """Report ``f(x + alpha p)`` and ``g(x + alpha p) @ p`` for the pending step.
+
+        ``f`` or ``gdotp`` may be non-finite (the step is then shortened).
+        """
+        if self._result is not None:
+            raise RuntimeError("line search is done: read .result")
+        if alpha != self._pending:
+            raise ValueError(
+                f"observe() got alpha={alpha!r} but the pending trial is "
+                f"{self._pending!r} (from next_alpha())"
+            )
+        trial = _Trial(float(alpha), float(f), float(gdotp), self._n_evals)
+        self._n_evals += 1
+        if (
+            trial.finite
+            and self._sufficient_decrease(trial)
+            and (self._best is None or trial.f < self._best.f)
+        ):
+            self._best = trial
+        if self._zooming:
+            self._observe_zoom(trial)
+        else:
+            self._observe_bracket(trial)
+        if self._result is None and self._n_evals >= self._max_steps:
+            logger.debug("line search: %d trials without a Wolfe step", self._n_evals)
+            self._finish_without_wolfe()
+
+    # -- the machine ----------------------------------------------------------
+    def _sufficient_decrease(self, trial: _Trial) -> bool:
+        return trial.f <= self._f0 + self._c1 * trial.alpha * self._d0
+
+    def _curvature(self, trial: _Trial) -> bool:
+        return abs(trial.gdotp) <= -self._c2 * self._d0
+
+    def _finish(self, status: str, trial: _Trial) -> None:
+        self._result = LineSearchResult(
+            status, trial.alpha, trial.f, trial.gdotp, trial.position, self._n_evals
+        )
+
+    def _finish_without_wolfe(self) -> None:
+        if self._best is not None:
+            self._finish(ARMIJO, self._best)
+        else:
+            self._finish(FAILED, self._origin)
+
+    def _observe_bracket(self, trial: _Trial) -> None:
+        prev = self._prev
+        if (
+            not trial.finite
+            or not self._sufficient_decrease(trial)
+            or (prev.alpha > 0.0 and _worse(trial, prev))
+        ):
+            self._start_zoom(prev, trial)
+        elif self._curvature(trial):
+            self._finish(WOLFE, trial)
+        elif trial.gdotp >= 0.0:
+            self._start_zoom(trial, prev)
+        else:
+            self._prev = trial
+            self._pending = self._extrapolate(prev, trial)
+
+    def _extrapolate(self, prev: _Trial, cur: _Trial) -> float:
+        width = cur.alpha - prev.alpha
+        low = cur.alpha + _EXTRAPOLATE_MIN * width
+        high = cur.alpha + _EXTRAPOLATE_MAX * width
+        guess = _cubic_minimizer(prev, cur)
+        if guess is None or guess > high:
+            return high
+        return max(guess, low)
+
+    def _start_zoom(self, lo: _Trial, hi: _Trial) -> None:
+        self._zooming = True
+        self._lo, self._hi = lo, hi
+        self._widths = []
+        self._next_zoom_trial()
+
+    def _observe_zoom(self, trial: _Trial) -> None:
+        lo = self._lo
+        if (
+            not trial.finite
+            or not self._sufficient_decrease(trial)
+            or _worse(trial, lo)
+        ):
+            self._hi = trial
+        else:
+            if self._curvature(trial):
+                self._finish(WOLFE, trial)
+                return
+            if trial.gdotp * (self._hi.alpha - lo.alpha) >= 0.0:
+                self._hi = lo
+            self._lo = trial
+        self._next_zoom_trial()
+
+    def _next_zoom_trial(self) -> None:
+        lo, hi = self._lo, self._hi
+        width = abs(hi.alpha - lo.alpha)
+        if width <= _INTERVAL_RTOL * max(lo.alpha, hi.alpha):
+            logger.debug("line search: interval collapsed at alpha=%g", lo.alpha)
+            self._finish_without_wolfe()
+            return
+        self._widths.append(width)
+        if not hi.finite:
+            self._pending = lo.alpha + _NONFINITE_SHRINK * (hi.alpha - lo.alpha)
+            return
+        if len(self._widths) >= 3 and width > _SHRINK_EVERY_TWO * self._widths[-3]:
+            self._pending = 0.5 * (lo.alpha + hi.alpha)
+            return
+        toward_hi = math.copysign(1.0, hi.alpha - lo.alpha)
+        near_lo = lo.alpha + toward_hi * _MARGIN_FROM_LO * width
+        near_hi = hi.alpha - toward_hi * _MARGIN_FROM_HI * width
+        left, right = min(near_lo, near_hi), max(near_lo, near_hi)
+        inside = min(lo.alpha, hi.alpha), max(lo.alpha, hi.alpha)
+        for guess in (_cubic_minimizer(lo, hi), _quadratic_minimizer(lo, hi)):
+            if guess is not None and inside[0] < guess < inside[1]:
+                self._pending = min(max(guess, left), right)
+                return
+        self._pending = 0.5 * (lo.alpha + hi.alpha)
+
+
+def _worse(a: _Trial, b: _Trial) -> bool:
+    """``a.f > b.f`` beyond rounding noise."""
+    return a.f > b.f + _F_RTOL * abs(b.f)
+
+
+def _check_wolfe_constants(c1: object, c2: object) -> tuple[float, float]:
+    c1 = _check_real("c1", c1)
+    c2 = _check_real("c2", c2)
+    if not 0.0 < c1 < 1.0:
+        raise ValueError(f"c1 must be in (0, 1), got {c1}")
+    if not c1 < c2 < 1.0:
+        raise ValueError(f"c2 must be in (c1, 1) = ({c1}, 1), got {c2}")
+    return c1, c2
+
+
+# -- the optimizer -----------------------------------------------------------
+@register
+class LBFGS(Optimizer):
+    r"""Limited-memory BFGS for full-batch training.
+
+    Iteration :math:`k`: direction :math:`p_k = -H_k g_k` by
+    :func:`two_loop_direction` from the last ``history`` pairs
+    :math:`s_i = x_{i+1} - x_i`, :math:`y_i = g_{i+1} - g_i`; step
+    :math:`x_{k+1} = x_k + \alpha_k p_k` with :math:`\alpha_k` from a
+    strong-Wolfe :class:`WolfeLineSearch` (first trial :math:`\alpha = 1`);
+    then the pair is stored if :math:`s^\top y > \epsilon \lVert s \rVert
+    \lVert y \rVert` (:data:`CURVATURE_EPS`).
+
+    Convergence (:meth:`converged`):
+    :math:`\lVert g_k \rVert_\infty \le \mathrm{tol} \cdot \max(1, |f_k|)`,
+    that is an absolute gradient tolerance for losses of order one and a
+    relative one for large losses.  A driver also stops when no step
+    decreases the objective along the steepest-descent direction (the
+    precision limit), or after its iteration budget.
+
+    It has no per-step :meth:`update`: the trainer drives it with full passes
+    (``Trainer.fit(..., batch_rows=None)``); the module docstring of
+    :mod:`dasktrain.optim.lbfgs` shows the loop, and :func:`minimize_lbfgs`
+    runs it on a local function.
+
+    Parameters
+    ----------
+    history : int
+        Number of ``(s, y)`` pairs kept, ``>= 1``.
+    tol : float
+        Gradient tolerance, ``>= 0``.
+    max_line_search : int
+        Maximum evaluations per line search, ``>= 1``.
+    c1, c2 : float
+        Wolfe constants, ``0 < c1 < c2 < 1``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dasktrain.optim import LBFGS, minimize_lbfgs
+    >>> def fun_and_grad(x):
+    ...     return float(0.5 * x @ x - x.sum()), x - 1.0
+    >>> x, f, n_evals, n_iter = minimize_lbfgs(
+    ...     fun_and_grad, np.zeros(3), optimizer=LBFGS(), max_iter=50)
+    >>> np.round(x, 6), n_evals
+    (array([1., 1., 1.]), 3)
+    """
+
+    kind: ClassVar[str] = "LBFGS"
+    full_batch_only: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        history: int = 10,
+        tol: float = 1e-6,
+        max_line_search: int = 20,
+        c1: float = 1e-4,
+        c2: float = 0.9,
+    ) -> None:
+        self.history = _check_int("history", history, minimum=1)
+        self.tol = _check_nonnegative("tol", tol)
+        self.max_line_search = _check_int("max_line_search", max_line_search, minimum=1)
+        self.c1, self.c2 = _check_wolfe_constants(c1, c2)
+
+    def config(self) -> dict[str, Any]:
+        """JSON data; ``optimizer_from_config(opt.config()) == opt``."""
+        return {
+            "type": self.kind,
+            "history": self.history,
+            "tol": self.tol,
+            "max_line_search": self.max_line_search,
+            "c1": self.c1,
+            "c2": self.c2,
+        }
+
+    # -- state ----------------------------------------------------------------
+    def init(self, params: Mapping[str, np.ndarray]) -> OptState:
+        """Empty history for ``params`` (flattened as by ``_tree.flatten``)."""
+        n_params = sum(int(np.size(v)) for v in params.values())
+        return self.init_state(n_params)
+
+    def init_state(self, n_params: int) -> OptState:
+        """Empty history for a vector of ``n_params`` entries.
+
+        Returns
+        -------
+        dict
+            ``"s"``, ``"y"``: float64 ``(history, n_params)``, rows
+            ``0 .. n_hist - 1`` hold the pairs, oldest first;
+            ``"n_hist"``: int64 0-d, number of stored pairs;
+            ``"count"``: int64 0-d, number of completed iterations.
+        """
+        n_params = _check_int("n_params", n_params, minimum=0)
+        return {
+            "s": np.zeros((self.history, n_params)),
+            "y": np.zeros((self.history, n_params)),
+            "n_hist": np.zeros((), dtype=np.int64),
+            "count": np.zeros((), dtype=np.int64),
+        }
+
+    def push(
+        self, state: Mapping[str, np.ndarray], s: np.ndarray, y: np.ndarray
+    ) -> OptState:
+        """Record a completed iteration; store ``(s, y)`` if it has curvature.
+
+        ``s = x_new - x``, ``y = g_new - g``.  The pair is skipped when
+        ``s @ y <= CURVATURE_EPS * ||s|| * ||y||``.  When the history is full
+        the oldest pair is dropped.  Returns a new state (``count`` + 1).
+        """
+        s_hist = np.asarray(state["s"], dtype=np.float64)
+        y_hist = np.asarray(state["y"], dtype=np.float64)
+        n_hist = int(state["n_hist"])
+        s = np.asarray(s, dtype=np.float64).ravel()
+        y = np.asarray(y, dtype=np.float64).ravel()
+        if s.shape != (s_hist.shape[1],) or y.shape != s.shape:
+            raise ValueError(
+                f"s {s.shape} and y {y.shape} must have shape ({s_hist.shape[1]},)"
+            )
+        count = np.asarray(int(state["count"]) + 1, dtype=np.int64)
+        curvature = float(s @ y)
+        threshold = CURVATURE_EPS * float(np.linalg.norm(s) * np.linalg.norm(y))
+        if not curvature > threshold:
+            logger.debug("L-BFGS: skipped a pair with s.y=%g", curvature)
+            return {
+                "s": s_hist.copy(),
+                "y": y_hist.copy(),
+                "n_hist": np.asarray(n_hist, dtype=np.int64),
+                "count": count,
+            }
+        if n_hist < s_hist.shape[0]:
+            new_s, new_y = s_hist.copy(), y_hist.copy()
+            row = n_hist
+            n_hist += 1
+        else:
+            new_s = np.roll(s_hist, -1, axis=0)
+            new_y = np.roll(y_hist, -1, axis=0)
+            row = n_hist - 1
+        new_s[row] = s
+        new_y[row] = y
+        return {
+            "s": new_s,
+            "y": new_y,
+            "n_hist": np.asarray(n_hist, dtype=np.int64),
+            "count": count,
+        }
+
+    def reset(self, state: Mapping[str, np.ndarray]) -> OptState:
+        """Forget the history (keeps ``count``)."""
+        return {
+            "s": np.zeros_like(state["s"], dtype=np.float64),
+            "y": np.zeros_like(state["y"], dtype=np.float64),
+            "n_hist": np.zeros((), dtype=np.int64),
+            "count": np.asarray(int(state["count"]), dtype=np.int64),
+        }
+
+    # -- one iteration --------------------------------------------------------
+    def direction(
+        self, state: Mapping[str, np.ndarray], grad: np.ndarray
+    ) -> np.ndarray:
+        """The search direction at gradient ``grad``.
+
+        The two-loop direction from the stored pairs; if it is not a descent
+        direction (rounding), ``-grad / max(1, ||grad||)``.
+        """
+        n_hist = int(state["n_hist"])
+        g = np.asarray(grad, dtype=np.float64).ravel()
+        p = two_loop_direction(g, state["s"][:n_hist], state["y"][:n_hist])
+        if n_hist > 0 and not float(g @ p) < 0.0:
+            logger.debug("L-BFGS: two-loop direction is not a descent direction")
+            p = two_loop_direction(g, state["s"][:0], state["y"][:0])
+        return p
+
+    def line_search(
+        self, f0: float, g0_dot_p: float, *, alpha0: float = 1.0
+    ) -> WolfeLineSearch:
+        """A :class:`WolfeLineSearch` with this optimizer's constants."""
+        return WolfeLineSearch(
+            f0,
+            g0_dot_p,
+            alpha0,
+            c1=self.c1,
+            c2=self.c2,
+            max_steps=self.max_line_search,
+        )
+
+    def converged(self, f: float, grad: np.ndarray) -> bool:
+        """``max|grad| <= tol * max(1, |f|)``."""
+        g = np.asarray(grad, dtype=np.float64)
+        if g.size == 0:
+            return True
+        return float(np.max(np.abs(g))) <= self.tol * max(1.0, abs(float(f)))
+
+    def update(
+        self,
+        grads: Mapping[str, np.ndarray],
+        state: Mapping[str, np.ndarray],
+        params: Mapping[str, np.ndarray],
+    ) -> tuple[Params, OptState]:
+        """Not available: L-BFGS is not a per-step optimizer."""
+        raise TypeError(
+            "LBFGS has no per-step update(): it needs full-batch training, "
+            "where the trainer drives its line search over full passes "
+            "(Trainer.fit(..., batch_rows=None)); for a local function use "
+            "dasktrain.optim.minimize_lbfgs"
+        )
+
+
+# -- the reference driver ----------------------------------------------------
+class MinimizeResult(NamedTuple):
+    """Result of :func:`minimize_lbfgs`."""
+
+    x: np.ndarray
+    f: float
+    n_evals: int
+    n_iter: int
+
+
+class IterationInfo(NamedTuple):
+    """What :func:`minimize_lbfgs` passes to its callback after each iteration."""
+
+    n_iter: int
+    n_evals: int
+    x: np.ndarray
+    f: float
+    grad: np.ndarray
+    state: OptState
+
+
+FunAndGrad = Callable[[np.ndarray], tuple[float, np.ndarray]]
+
+
+def minimize_lbfgs(
+    fun_and_grad: FunAndGrad,
+    x0: np.ndarray,
+    *,
+    optimizer: LBFGS,
+    max_iter: int,
+    state: Mapping[str, np.ndarray] | None = None,
+    callback: Callable[[IterationInfo], bool | None] | None = None,
+) -> MinimizeResult:
+    """Minimize ``fun_and_grad`` from ``x0`` with L-BFGS.
+
+    The reference loop (see the module docstring): direction, line search
+    (one evaluation per trial), push the pair, test convergence.
+
+    Parameters
+    ----------
+    fun_and_grad : callable
+        ``x -> (f, grad)`` for a flat float64 ``x``.
+    x0 : ndarray, shape (n,)
+        Starting point.
+    optimizer : LBFGS
+        Settings (history, tolerance, line search).
+    max_iter : int
+        Maximum number of iterations (line searches).
+    state : dict, optional
+        A state from an earlier run, to continue with its history.
+    callback : callable, optional
+        Called with an :class:`IterationInfo` after each accepted step;
+        returning True stops.
+
+    Returns
+    -------
+    MinimizeResult
+        ``(x, f, n_evals, n_iter)``: the final point and value, the number of
+        calls to ``fun_and_grad`` and of completed iterations.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> def rosenbrock(x):
+    ...     f = (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+    ...     g = np.array([-2 * (1 - x[0]) - 400 * x[0] * (x[1] - x[0] ** 2),
+    ...                   200 * (x[1] - x[0] ** 2)])
+    ...     return float(f), g
+    >>> res = minimize_lbfgs(rosenbrock, np.array([-1.2, 1.0]),
+    ...                      optimizer=LBFGS(), max_iter=200)
+    >>> np.round(res.x, 5)
+    array([1., 1.])
+    """
+    max_iter = _check_int("max_iter", max_iter, minimum=0)
+    x = np.array(x0, dtype=np.float64).ravel()
+    f, g = _evaluate(fun_and_grad, x)
+    n_evals = 1
+    if not math.isfinite(f) or not np.all(np.isfinite(g)):
+        raise ValueError(f"objective or gradient is not finite at x0 (f={f})")
+    current = optimizer.init_state(x.size) if state is None else dict(state)
+    n_iter = 0
+    for _ in range(max_iter):
+        if optimizer.converged(f, g):
+            logger.debug("L-BFGS converged: max|g|=%g", float(np.max(np.abs(g))))
+            break
+        p = optimizer.direction(current, g)
+        ls = optimizer.line_search(f, float(g @ p))
+        trials: list[tuple[np.ndarray, float, np.ndarray]] = []
+        while not ls.done:
+            alpha = ls.next_alpha()
+            x_trial = x + alpha * p
+            f_trial, g_trial = _evaluate(fun_and_grad, x_trial)
+            n_evals += 1
+            ls.observe(alpha, f_trial, float(g_trial @ p))
+            trials.append((x_trial, f_trial, g_trial))
+        result = ls.result
+        if not result.accepted:
+            if int(current["n_hist"]) == 0:
+                logger.debug("L-BFGS: no decrease along -grad; stopping at f=%r", f)
+                break
+            logger.debug("L-BFGS: line search failed; restarting from -grad")
+            current = optimizer.reset(current)
+            continue
+        x_new, f_new, g_new = trials[result.trial_index]
+        current = optimizer.push(current, x_new - x, g_new - g)
+        x, f, g = x_new, f_new, g_new
+        n_iter += 1
+        logger.debug(
+            "L-BFGS iteration %d: f=%r alpha=%g evals=%d (%s)",
+            n_iter,
+            f,
+            result.alpha,
+            result.n_evals,
+            result.status,
+        )
+        if callback is not None and callback(
+            IterationInfo(n_iter, n_evals, x.copy(), f, g.copy(), current)
+        ):
+            break
+    logger.info("L-BFGS: f=%r after %d iterations, %d evaluations", f, n_iter, n_evals)
+    return MinimizeResult(x, f, n_evals, n_iter)
+
+
+def _evaluate(fun_and_grad: FunAndGrad, x: np.ndarray) -> tuple[float, np.ndarray]:
+    f, g = fun_and_grad(x.copy())
+    grad = np.asarray(g, dtype=np.float64).ravel()
+    if grad.shape != x.shape:
+        raise ValueError(f"gradient has shape {grad.shape}, expected {x.shape}")
+    return float(f), grad
