@@ -1,0 +1,675 @@
+"""The :class:`Dataset`: a Zarr dataset store, or a view of some of its chunks."""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dasktrain.data.io import (
+    DEFAULT_CODEC,
+    DatasetRef,
+    StoreInfo,
+    check_chunk_rows,
+    check_codec,
+    create_store,
+    existing_store_message,
+    finalize_store,
+    normalize_url,
+    read_chunk,
+    read_store_info,
+    store_exists,
+    validate_field_name,
+    write_array,
+    write_chunk,
+)
+from dasktrain.errors import DataValidationError, StoreError
+from dasktrain.schema import FieldInfo, Schema
+
+if TYPE_CHECKING:
+    import dask.array
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_CHUNK_ROWS", "Dataset"]
+
+#: Rows per chunk when none is given: 65,536 rows of 100 float32 features are
+#: 26 MB decoded, large enough to amortize per-task overhead.
+DEFAULT_CHUNK_ROWS = 65_536
+#: Accepted dtypes for the feature matrix ``X``.
+X_DTYPES = ("float32", "float64")
+_NUMERIC_KINDS = "biuf"
+_FRACTION_DIGITS = 9
+
+
+class Dataset:
+    """A dataset store on disk (or a view of some of its chunks).
+
+    Create one with :meth:`from_arrays`, :meth:`from_dask`, :meth:`open` or a
+    generator in :mod:`dasktrain.datasets`.  A ``Dataset`` holds metadata
+    only; workers read the chunks.  Views (from :meth:`split` and
+    :meth:`subset`) share the store and differ only in :attr:`chunk_ids`.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os
+    >>> import dasktrain as dt
+    >>> X = np.random.default_rng(0).standard_normal((1000, 3)).astype(np.float32)
+    >>> path = os.path.join(tempfile.mkdtemp(), "train.zarr")
+    >>> ds = dt.Dataset.from_arrays(path, X=X, y=(X[:, 0] > 0), chunk_rows=256)
+    >>> ds.n_rows, ds.n_features, ds.n_chunks, ds.chunk_rows
+    (1000, 3, 4, 256)
+    >>> train, val = ds.split(val_fraction=0.25, seed=0)
+    >>> train.n_chunks, val.n_chunks
+    (3, 1)
+    """
+
+    __slots__ = ("_chunk_ids", "_info")
+
+    def __init__(self, info: StoreInfo, chunk_ids: Iterable[int] | None = None) -> None:
+        self._info = info
+        if chunk_ids is None:
+            self._chunk_ids: tuple[int, ...] = tuple(range(info.ref.n_chunks))
+        else:
+            self._chunk_ids = tuple(int(c) for c in chunk_ids)
+
+    # -- creating and opening -------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Dataset:
+        """Open and validate a complete dataset store, reading only metadata.
+
+        Raises
+        ------
+        StoreNotFoundError
+            Nothing exists at ``path``.
+        StoreError
+            Not a Zarr group, not a dasktrain dataset, incomplete (its writing
+            was interrupted), or an array is missing or has the wrong length,
+            chunking or dtype; the message names the store and array.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "d.zarr")
+        >>> _ = Dataset.from_arrays(path, y=np.zeros(10, np.float32), chunk_rows=4)
+        >>> Dataset.open(path).n_chunks
+        3
+        """
+        return cls(read_store_info(path))
+
+    @classmethod
+    def from_arrays(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        codec: str = DEFAULT_CODEC,
+        overwrite: bool = False,
+        source: str = "from_arrays",
+        **arrays: Any,
+    ) -> Dataset:
+        """Write in-memory arrays as a new dataset store.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Local path or fsspec URL of the store to create.
+        chunk_rows : int
+            Rows per chunk; chunk ``i`` holds rows
+            ``[i * chunk_rows, (i + 1) * chunk_rows)``.
+        codec : {"lz4", "zstd", "none"}
+            Chunk compression (default :data:`~dasktrain.data.io.DEFAULT_CODEC`).
+        overwrite : bool
+            Replace an existing dataset store at ``path``.  Without it an
+            existing path is an error; with it, anything that is not a
+            dasktrain dataset store is still refused.
+        source : str
+            Recorded in the store's provenance.
+        **arrays : array-like
+            The fields, by name (``X=..., y=...``): equal lengths, bool,
+            integer or float dtypes.  ``X``, if given, must be 2-d float32 or
+            float64.
+
+        Returns
+        -------
+        Dataset
+
+        Raises
+        ------
+        DataValidationError
+            Bad arrays (the message names the array); nothing is written.
+        StoreError
+            ``path`` exists (and ``overwrite`` is false, or it is not a
+            dataset store).
+        ValueError
+            Bad ``chunk_rows`` or ``codec``.
+
+        Notes
+        -----
+        The store is marked complete only after every chunk is written.  If
+        writing fails, the incomplete store is left in place: :meth:`open`
+        refuses it and ``overwrite=True`` replaces it.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "d.zarr")
+        >>> X = np.ones((10, 2), np.float32)
+        >>> ds = Dataset.from_arrays(path, X=X, y=np.arange(10), chunk_rows=4)
+        >>> ds.fields["y"]
+        FieldInfo(shape=(), dtype='int64')
+        """
+        url = normalize_url(path)
+        check_chunk_rows(chunk_rows)
+        check_codec(codec)
+        values = {name: _as_numpy(name, a) for name, a in arrays.items()}
+        fields, n_rows = _describe_arrays(
+            {name: (a.shape, a.dtype) for name, a in values.items()}
+        )
+        _check_destination(url, overwrite)
+        ref = create_store(
+            url,
+            fields=fields,
+            n_rows=n_rows,
+            chunk_rows=chunk_rows,
+            codec=codec,
+            overwrite=overwrite,
+            provenance={"source": source},
+        )
+        for name, a in values.items():
+            write_array(ref, name, _native(a))
+        finalize_store(url, provenance={"source": source})
+        return cls.open(url)
+
+    @classmethod
+    def from_dask(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        codec: str = DEFAULT_CODEC,
+        overwrite: bool = False,
+        source: str = "from_dask",
+        **arrays: Any,
+    ) -> Dataset:
+        """Write Dask arrays as a new dataset store, in parallel, chunk by chunk.
+
+        Each array is rechunked to ``chunk_rows`` rows (whole rows per chunk)
+        and every chunk is computed and written by one task on the current
+        Dask scheduler; the arrays are never loaded as a whole.  Options and
+        errors are those of :meth:`from_arrays`.
+
+        Examples
+        --------
+        >>> import dask, dask.array as da, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "d.zarr")
+        >>> X = da.ones((10, 2), chunks=(3, 2), dtype="float32")
+        >>> with dask.config.set(scheduler="synchronous"):
+        ...     ds = Dataset.from_dask(path, X=X, chunk_rows=4)
+        >>> ds.n_chunks, float(ds.read("X", 2).sum())
+        (3, 4.0)
+        """
+        import dask
+        import dask.array as da
+
+        url = normalize_url(path)
+        check_chunk_rows(chunk_rows)
+        check_codec(codec)
+        values: dict[str, da.Array] = {}
+        for name, a in arrays.items():
+            try:
+                values[name] = a if isinstance(a, da.Array) else da.asarray(a)
+            except Exception as exc:
+                raise DataValidationError(
+                    f"array {name!r} cannot be converted to a dask array: {exc}"
+                ) from exc
+        for name, a in values.items():
+            if any(math.isnan(s) for s in a.shape):
+                raise DataValidationError(
+                    f"array {name!r} has unknown chunk sizes {a.shape}; call "
+                    f"{name}.compute_chunk_sizes() first"
+                )
+        fields, n_rows = _describe_arrays(
+            {name: (a.shape, a.dtype) for name, a in values.items()}
+        )
+        _check_destination(url, overwrite)
+        ref = create_store(
+            url,
+            fields=fields,
+            n_rows=n_rows,
+            chunk_rows=chunk_rows,
+            codec=codec,
+            overwrite=overwrite,
+            provenance={"source": source},
+        )
+        writes: list[Any] = []
+        for name, a in values.items():
+            dtype = np.dtype(fields[name].dtype)
+            aligned = a.astype(dtype).rechunk(
+                {0: ref.chunk_rows, **{axis: -1 for axis in range(1, a.ndim)}}
+            )
+            blocks = aligned.to_delayed().reshape(-1)
+            writes.extend(
+                dask.delayed(write_chunk, pure=False)(ref, name, chunk_id, block)
+                for chunk_id, block in enumerate(blocks)
+            )
+        # Sync point: every chunk is computed and written by the scheduler.
+        dask.compute(*writes)
+        finalize_store(url, provenance={"source": source})
+        return cls.open(url)
+
+    # -- description ----------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """Absolute path (or fsspec URL) of the store."""
+        return self._info.ref.url
+
+    @property
+    def ref(self) -> DatasetRef:
+        """Small picklable description of the store, for worker tasks."""
+        return self._info.ref
+
+    @property
+    def uuid(self) -> str:
+        """Identity of the store; new for every written store."""
+        return self._info.ref.uuid
+
+    @property
+    def codec(self) -> str:
+        """Compression of the chunks: ``"none"``, ``"lz4"`` or ``"zstd"``."""
+        return self._info.codec
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Where the data came from (``source``, ``created``, generator
+        parameters, ...); a copy."""
+        return dict(self._info.provenance)
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per chunk (the store's last chunk may be shorter)."""
+        return self._info.ref.chunk_rows
+
+    @property
+    def chunk_ids(self) -> tuple[int, ...]:
+        """Store chunk indices in this view, ascending."""
+        return self._chunk_ids
+
+    @property
+    def n_chunks(self) -> int:
+        """Number of chunks in this view."""
+        return len(self._chunk_ids)
+
+    @property
+    def n_rows(self) -> int:
+        """Number of rows in this view."""
+        ref = self._info.ref
+        return sum(ref.chunk_n_rows(c) for c in self._chunk_ids)
+
+    @property
+    def fields(self) -> dict[str, FieldInfo]:
+        """Arrays of the store by name: row shape and dtype."""
+        return dict(self._info.ref.fields)
+
+    @property
+    def schema(self) -> Schema:
+        """The fields as a :class:`~dasktrain.schema.Schema`, for models."""
+        return Schema(self.fields)
+
+    @property
+    def n_features(self) -> int:
+        """Width of ``X`` (0 if the dataset has no ``X``)."""
+        return self.schema.n_features
+
+    @property
+    def nbytes(self) -> int:
+        """Uncompressed size of this view, in bytes."""
+        row_bytes = sum(
+            math.prod(info.shape) * np.dtype(info.dtype).itemsize
+            for _, info in self._info.ref.fields
+        )
+        return self.n_rows * row_bytes
+
+    def chunk_bounds(self, chunk_id: int) -> tuple[int, int]:
+        """Global ``(start_row, stop_row)`` of a store chunk."""
+        return self._info.ref.chunk_bounds(chunk_id)
+
+    def chunk_n_rows(self, chunk_id: int) -> int:
+        """Rows in a store chunk."""
+        return self._info.ref.chunk_n_rows(chunk_id)
+
+    # -- views ----------------------------------------------------------------
+
+    def split(
+        self, val_fraction: float = 0.1, *, seed: int = 0
+    ) -> tuple[Dataset, Dataset]:
+        """Split into training and validation views by whole chunks (no copy).
+
+        ``ceil(val_fraction * n_chunks)`` chunks, chosen at random with
+        ``seed``, go to validation; each side keeps at least one chunk.
+
+        Raises
+        ------
+        ValueError
+            ``val_fraction`` outside ``(0, 1)``, or fewer than 2 chunks.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "d.zarr")
+        >>> ds = Dataset.from_arrays(path, y=np.zeros(100, np.float32), chunk_rows=10)
+        >>> train, val = ds.split(0.2, seed=1)
+        >>> len(train.chunk_ids), len(val.chunk_ids)
+        (8, 2)
+        >>> sorted(train.chunk_ids + val.chunk_ids) == list(ds.chunk_ids)
+        True
+        """
+        if (
+            isinstance(val_fraction, bool)
+            or not isinstance(val_fraction, int | float)
+            or not 0 < val_fraction < 1
+        ):
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        n = self.n_chunks
+        if n < 2:
+            raise ValueError(
+                f"cannot split dataset {self.path!r}: it has {n} chunk(s) and a "
+                f"split needs at least 2 (write it with a smaller chunk_rows)"
+            )
+        n_val = math.ceil(round(val_fraction * n, _FRACTION_DIGITS))
+        n_val = min(max(n_val, 1), n - 1)
+        rng = np.random.default_rng(seed)
+        picked = rng.choice(n, size=n_val, replace=False)
+        val_ids = sorted(self._chunk_ids[int(i)] for i in picked)
+        taken = set(val_ids)
+        train_ids = [c for c in self._chunk_ids if c not in taken]
+        return Dataset(self._info, train_ids), Dataset(self._info, val_ids)
+
+    def subset(self, chunk_ids: Iterable[int]) -> Dataset:
+        """A view of some of this view's chunks (sorted ascending).
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "d.zarr")
+        >>> ds = Dataset.from_arrays(path, y=np.zeros(10, np.float32), chunk_rows=4)
+        >>> ds.subset([2, 0]).chunk_ids, ds.subset([2]).n_rows
+        ((0, 2), 2)
+        """
+        ids = [int(c) for c in chunk_ids]
+        if not ids:
+            raise ValueError("subset() needs at least one chunk id")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"duplicate chunk ids in {ids}")
+        available = set(self._chunk_ids)
+        outside = sorted(set(ids) - available)
+        if outside:
+            raise ValueError(
+                f"chunks {outside} are not in this view of {self.path!r} "
+                f"({self.n_chunks} chunks: {_short_ids(self._chunk_ids)})"
+            )
+        return Dataset(self._info, sorted(ids))
+
+    # -- reading (client side, for tests and inspection) ----------------------
+
+    def read(self, field: str, chunk_id: int) -> np.ndarray:
+        """Read one chunk of one array of this view.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "d.zarr")
+        >>> ds = Dataset.from_arrays(path, y=np.arange(10.0), chunk_rows=4)
+        >>> ds.read("y", 1)
+        array([4., 5., 6., 7.])
+        """
+        if int(chunk_id) not in self._chunk_ids:
+            raise IndexError(
+                f"chunk {chunk_id} is not in this view of {self.path!r} "
+                f"(chunks: {_short_ids(self._chunk_ids)})"
+            )
+        return read_chunk(self._info.ref, field, chunk_id)
+
+    def to_dask(self, field: str) -> dask.array.Array:
+        """A lazy Dask array of one field over this view's chunks, in order.
+
+        Each Dask chunk is one store chunk, read by
+        :func:`~dasktrain.data.io.read_chunk` (missing chunks are errors).
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, os, dask
+        >>> path = os.path.join(tempfile.mkdtemp(), "d.zarr")
+        >>> ds = Dataset.from_arrays(path, y=np.arange(10.0), chunk_rows=4)
+        >>> view = ds.subset([0, 2])
+        >>> view.to_dask("y").compute(scheduler="synchronous")
+        array([0., 1., 2., 3., 8., 9.])
+        """
+        import dask.array as da
+
+        info = self._info.ref.field(field)
+        dtype = np.dtype(info.dtype)
+        ids = da.from_array(np.asarray(self._chunk_ids, dtype=np.int64), chunks=1)
+        row_chunks = tuple(self.chunk_n_rows(c) for c in self._chunk_ids)
+        new_axis = list(range(1, 1 + len(info.shape)))
+        return da.map_blocks(
+            read_dask_block,
+            ids,
+            ref=self._info.ref,
+            field=field,
+            chunks=(row_chunks, *((s,) for s in info.shape)),
+            new_axis=new_axis or None,
+            dtype=dtype,
+            meta=np.empty((0, *info.shape), dtype=dtype),
+            token=f"dasktrain-read-{field}",
+        )
+
+    def head(self, n: int = 5) -> dict[str, np.ndarray]:
+        """The first ``n`` rows of the view, for each field.
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "d.zarr")
+        >>> ds = Dataset.from_arrays(path, y=np.arange(10.0), chunk_rows=4)
+        >>> ds.head(6)["y"]
+        array([0., 1., 2., 3., 4., 5.])
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.fields}
+        remaining = n
+        for chunk_id in self._chunk_ids:
+            if remaining <= 0:
+                break
+            take = min(remaining, self.chunk_n_rows(chunk_id))
+            for name in parts:
+                parts[name].append(read_chunk(self._info.ref, name, chunk_id)[:take])
+            remaining -= take
+        out = {}
+        for name, info in self.fields.items():
+            if parts[name]:
+                out[name] = np.concatenate(parts[name])
+            else:
+                out[name] = np.empty((0, *info.shape), dtype=info.dtype)
+        return out
+
+    # -- comparison and display -----------------------------------------------
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Dataset):
+            return NotImplemented
+        return self.ref == other.ref and self._chunk_ids == other._chunk_ids
+
+    def __hash__(self) -> int:
+        return hash((self.ref, self._chunk_ids))
+
+    def __getstate__(self) -> tuple[StoreInfo, tuple[int, ...]]:
+        return self._info, self._chunk_ids
+
+    def __setstate__(self, state: tuple[StoreInfo, tuple[int, ...]]) -> None:
+        self._info, self._chunk_ids = state
+
+    def _is_view(self) -> bool:
+        return self.n_chunks != self._info.ref.n_chunks
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{name}: {info.dtype}{_shape_text(info)}"
+            for name, info in self.fields.items()
+        )
+        view = (
+            f" (view of {self.n_chunks} of {self._info.ref.n_chunks} chunks)"
+            if self._is_view()
+            else ""
+        )
+        return (
+            f"<dasktrain.Dataset {self.path!r}: {self.n_rows:,} rows in "
+            f"{self.n_chunks} chunks of {self.chunk_rows:,}{view}; {fields}; "
+            f"codec {self.codec}; {_format_bytes(self.nbytes)}>"
+        )
+
+    def _repr_html_(self) -> str:
+        esc = html.escape
+        field_rows = "".join(
+            f"<tr><td style='text-align:left'><code>{esc(name)}</code></td>"
+            f"<td style='text-align:left'>{esc(str((self.n_rows, *info.shape)))}</td>"
+            f"<td style='text-align:left'>{esc(info.dtype)}</td></tr>"
+            for name, info in self.fields.items()
+        )
+        chunks = f"{self.n_chunks} &times; {self.chunk_rows:,} rows"
+        if self._is_view():
+            chunks += f" (view of {self._info.ref.n_chunks})"
+        summary = [
+            ("path", f"<code>{esc(self.path)}</code>"),
+            ("rows", f"{self.n_rows:,}"),
+            ("chunks", chunks),
+            ("codec", esc(self.codec)),
+            ("size", _format_bytes(self.nbytes) + " uncompressed"),
+        ]
+        head = "".join(
+            f"<tr><th style='text-align:left'>{k}</th>"
+            f"<td style='text-align:left' colspan='2'>{v}</td></tr>"
+            for k, v in summary
+        )
+        return (
+            "<div><strong>dasktrain.Dataset</strong>"
+            f"<table>{head}"
+            "<tr><th style='text-align:left'>field</th>"
+            "<th style='text-align:left'>shape</th>"
+            f"<th style='text-align:left'>dtype</th></tr>{field_rows}</table></div>"
+        )
+
+
+def read_dask_block(ids: np.ndarray, *, ref: DatasetRef, field: str) -> np.ndarray:
+    """Task of :meth:`Dataset.to_dask`: the store chunk named by a 1-element block."""
+    return read_chunk(ref, field, int(ids[0]))
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def _as_numpy(name: str, value: Any) -> np.ndarray:
+    validate_field_name(name)
+    try:
+        return np.asarray(value)
+    except Exception as exc:
+        raise DataValidationError(
+            f"array {name!r} cannot be converted to a NumPy array: {exc}"
+        ) from exc
+
+
+def _native(a: np.ndarray) -> np.ndarray:
+    native = a.dtype.newbyteorder("=")
+    return a if a.dtype == native else a.astype(native)
+
+
+def _describe_arrays(
+    arrays: Mapping[str, tuple[tuple[Any, ...], np.dtype[Any]]],
+) -> tuple[dict[str, FieldInfo], int]:
+    """Validate shapes and dtypes; return the fields and the row count."""
+    if not arrays:
+        raise DataValidationError(
+            "no arrays given; pass them as keywords, e.g. X=X, y=y"
+        )
+    fields: dict[str, FieldInfo] = {}
+    for name, (shape, dtype) in arrays.items():
+        validate_field_name(name)
+        dt = np.dtype(dtype)
+        if dt.kind not in _NUMERIC_KINDS:
+            raise DataValidationError(
+                f"array {name!r} has dtype {dt}; dataset arrays must be bool, "
+                f"integer or float (not object, string, complex or datetime)"
+            )
+        if len(shape) < 1:
+            raise DataValidationError(
+                f"array {name!r} is a scalar; arrays need at least one axis (rows)"
+            )
+        row_shape = tuple(int(s) for s in shape[1:])
+        if any(s < 1 for s in row_shape):
+            raise DataValidationError(
+                f"array {name!r} has shape {tuple(shape)}; every dimension after "
+                f"the first must be >= 1"
+            )
+        fields[name] = FieldInfo(row_shape, dt.newbyteorder("=").name)
+    x = fields.get("X")
+    if x is not None:
+        x_shape = arrays["X"][0]
+        if len(x_shape) != 2:
+            hint = (
+                " (reshape a single feature with X.reshape(-1, 1))"
+                if len(x_shape) == 1
+                else ""
+            )
+            raise DataValidationError(
+                f"array 'X' must be 2-d (rows, features), got shape "
+                f"{tuple(x_shape)}{hint}"
+            )
+        if x.dtype not in X_DTYPES:
+            raise DataValidationError(
+                f"array 'X' has dtype {x.dtype}; it must be float32 or float64 "
+                f"(convert it with X.astype(np.float32))"
+            )
+    lengths = {name: int(shape[0]) for name, (shape, _) in arrays.items()}
+    first, n_rows = next(iter(lengths.items()))
+    for name, length in lengths.items():
+        if length != n_rows:
+            raise DataValidationError(
+                f"arrays {first!r} ({n_rows} rows) and {name!r} ({length} rows) "
+                f"differ in length"
+            )
+    if n_rows < 1:
+        raise DataValidationError("the arrays have no rows")
+    return fields, n_rows
+
+
+def _check_destination(url: str, overwrite: bool) -> None:
+    """Refuse an existing path early, before any data is prepared."""
+    if store_exists(url) and not overwrite:
+        raise StoreError(existing_store_message(url))
+
+
+def _shape_text(info: FieldInfo) -> str:
+    return str((None, *info.shape)).replace("None", "n")
+
+
+def _short_ids(ids: tuple[int, ...], limit: int = 8) -> str:
+    if len(ids) <= limit:
+        return ", ".join(map(str, ids))
+    return ", ".join(map(str, ids[:limit])) + ", ..."
+
+
+def _format_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
