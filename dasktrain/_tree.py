@@ -38,9 +38,7 @@ def unflatten(vector: np.ndarray, like: Mapping[str, np.ndarray]) -> Params:
 
 def global_norm(tree: Mapping[str, np.ndarray]) -> float:
     """Euclidean norm of all entries together."""
-    return float(
-        np.sqrt(sum(float(np.vdot(v, v).real) for v in tree.values()))
-    )
+    return float(np.sqrt(sum(float(np.vdot(v, v).real) for v in tree.values())))
 
 
 def tree_map2(

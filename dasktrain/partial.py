@@ -124,7 +124,9 @@ def combine(a: Partial, b: Partial) -> Partial:
         gb = b.grads[k]
         if isinstance(ga, RowSparse) or isinstance(gb, RowSparse):
             if not (isinstance(ga, RowSparse) and isinstance(gb, RowSparse)):
-                raise TypeError(f"gradient {k!r} is dense in one partial, sparse in other")
+                raise TypeError(
+                    f"gradient {k!r} is dense in one partial, sparse in other"
+                )
             grads[k] = ga + gb
         else:
             grads[k] = ga + gb
@@ -198,7 +200,9 @@ def reduce_node(node: Node, n_leaves: int, known: Mapping[Node, Partial]) -> Par
     right = (level - 1, 2 * i + 1)
     if len(node_span(right, n_leaves)) == 0:
         return reduce_node(left, n_leaves, known)
-    return combine(reduce_node(left, n_leaves, known), reduce_node(right, n_leaves, known))
+    return combine(
+        reduce_node(left, n_leaves, known), reduce_node(right, n_leaves, known)
+    )
 
 
 def tree_reduce(

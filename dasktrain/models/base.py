@@ -65,8 +65,10 @@ class Model(ABC):
         return cls(**config)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Model) and type(other) is type(self) and (
-            other.config() == self.config()
+        return (
+            isinstance(other, Model)
+            and type(other) is type(self)
+            and (other.config() == self.config())
         )
 
     def __hash__(self) -> int:

@@ -85,8 +85,10 @@ class Optimizer(ABC):
         return float("nan")
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Optimizer) and type(other) is type(self) and (
-            other.config() == self.config()
+        return (
+            isinstance(other, Optimizer)
+            and type(other) is type(self)
+            and (other.config() == self.config())
         )
 
     def __hash__(self) -> int:

@@ -1,0 +1,193 @@
+"""Which rows each step reads, and which worker reads them.  Pure functions.
+
+A *piece* is a contiguous range of a chunk's rows, in the chunk's natural row
+order or in a seeded permutation of it.  A step is a list of pieces; the
+pieces' partials are the leaves of the fixed reduction tree, in list order.
+Everything here is a function of the dataset's chunk ids, the seed and the
+epoch: never of the workers, so results are identical on any cluster.
+Placement (which worker computes a piece) only affects speed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "PLACEMENT_GROUPS_TARGET",
+    "Piece",
+    "assign_pieces",
+    "chunk_owners",
+    "epoch_steps",
+    "full_pass",
+    "group_key",
+    "group_size",
+    "rendezvous_owners",
+    "row_permutation",
+]
+
+#: Placement groups per worker we aim for at least: consecutive chunks share
+#: an owner (so a worker can pre-reduce whole subtrees of the reduction tree
+#: and send one partial for them) only when there are enough chunks to keep
+#: the load balanced.
+PLACEMENT_GROUPS_TARGET = 64
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[start, stop)`` of chunk ``chunk_id``.
+
+    If ``shuffle`` is set, positions index the permutation
+    :func:`row_permutation` ``(*shuffle, n_rows_of_chunk)`` instead of the
+    natural row order.
+    """
+
+    chunk_id: int
+    start: int
+    stop: int
+    shuffle: tuple[int, int] | None = None  # (seed, epoch)
+
+    @property
+    def n_rows(self) -> int:
+        return self.stop - self.start
+
+
+def row_permutation(seed: int, epoch: int, chunk_id: int, n_rows: int) -> np.ndarray:
+    """The row order of a chunk in an epoch, seeded by (seed, epoch, chunk)."""
+    rng = np.random.default_rng([seed, epoch, chunk_id])
+    return rng.permutation(n_rows)
+
+
+def full_pass(
+    chunk_ids: Sequence[int], chunk_n_rows: Callable[[int], int]
+) -> list[Piece]:
+    """One whole-chunk piece per chunk, in the dataset's chunk order."""
+    return [Piece(c, 0, chunk_n_rows(c)) for c in chunk_ids]
+
+
+def epoch_steps(
+    chunk_ids: Sequence[int],
+    chunk_n_rows: Callable[[int], int],
+    *,
+    batch_rows: int | None,
+    seed: int,
+    epoch: int,
+) -> list[list[Piece]]:
+    """The steps of one epoch.
+
+    ``batch_rows=None``: one full-batch step.  Otherwise the chunks are visited
+    in an order shuffled by ``(seed, epoch)``.  If ``batch_rows`` is at least a
+    chunk, each step takes ``round(batch_rows / chunk_rows)`` whole chunks;
+    otherwise each chunk's rows are shuffled by ``(seed, epoch, chunk)`` and
+    split into ``ceil(rows / batch_rows)`` nearly equal steps.
+    """
+    if batch_rows is None:
+        return [full_pass(chunk_ids, chunk_n_rows)]
+    if batch_rows < 1:
+        raise ValueError(
+            f"batch_rows must be a positive integer or None, got {batch_rows}"
+        )
+    rng = np.random.default_rng([seed, epoch])
+    order = [int(chunk_ids[i]) for i in rng.permutation(len(chunk_ids))]
+    chunk_rows = max(chunk_n_rows(c) for c in chunk_ids)
+    steps: list[list[Piece]] = []
+    if batch_rows >= chunk_rows:
+        per_step = max(1, round(batch_rows / chunk_rows))
+        for i in range(0, len(order), per_step):
+            steps.append(
+                [Piece(c, 0, chunk_n_rows(c)) for c in order[i : i + per_step]]
+            )
+        return steps
+    for c in order:
+        n = chunk_n_rows(c)
+        n_pieces = max(1, math.ceil(n / batch_rows))
+        bounds = np.linspace(0, n, n_pieces + 1).round().astype(int)
+        for a, b in itertools.pairwise(bounds):
+            if b > a:
+                steps.append([Piece(c, int(a), int(b), (seed, epoch))])
+    return steps
+
+
+def _score(key: str, worker: str) -> int:
+    digest = hashlib.blake2b(f"{key}|{worker}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def rendezvous_owners(
+    groups: Sequence[str],
+    workers: Sequence[str],
+    *,
+    weights: Mapping[str, int] | None = None,
+) -> dict[str, str]:
+    """Assign each group to a worker by rendezvous hashing with bounded load.
+
+    Each group goes to its highest-scoring worker that still has room, room
+    being an equal share of the groups (rounded up).  The result depends only
+    on the group keys and the set of worker names, so it is stable across
+    steps and runs, and a departing worker moves only the load it had (plus
+    the spill-over of the bounded load).
+    """
+    if not workers:
+        raise ValueError("no workers to place work on")
+    names = sorted(set(workers))
+    capacity = math.ceil(len(groups) / len(names))
+    load = dict.fromkeys(names, 0)
+    owners: dict[str, str] = {}
+    for g in groups:
+        ranked = sorted(names, key=lambda w: _score(g, w), reverse=True)
+        for w in ranked:
+            if load[w] < capacity:
+                owners[g] = w
+                load[w] += 1
+                break
+    return owners
+
+
+def group_size(n_chunks: int) -> int:
+    """Chunks per placement group: a power of two, 1 for fewer than
+    ``2 * PLACEMENT_GROUPS_TARGET`` chunks."""
+    g = 1
+    while n_chunks // (2 * g) >= PLACEMENT_GROUPS_TARGET:
+        g *= 2
+    return g
+
+
+def group_key(url: str, chunk_id: int, size: int = 1) -> str:
+    """Placement unit of a chunk: aligned groups of ``size`` chunks."""
+    return f"{url}#{chunk_id // size}"
+
+
+def chunk_owners(
+    url: str, chunk_ids: Sequence[int], workers: Sequence[str]
+) -> dict[int, str]:
+    """Chunk id -> worker name, balanced over all of ``chunk_ids``.
+
+    Computed over a dataset's whole chunk list (not one step's), so a chunk
+    keeps its owner, and its cached decoded copy, from step to step.
+    """
+    size = group_size(len(chunk_ids))
+    keys = sorted({group_key(url, c, size) for c in chunk_ids})
+    owners = rendezvous_owners(keys, workers)
+    return {int(c): owners[group_key(url, c, size)] for c in chunk_ids}
+
+
+def assign_pieces(
+    pieces: Sequence[Piece], owners: Mapping[int, str], workers: Sequence[str]
+) -> dict[str, list[int]]:
+    """Worker name -> leaf positions it computes (ascending).
+
+    Pieces of chunks without a known owner go to a worker by hashing.
+    """
+    names = sorted(set(workers))
+    out: dict[str, list[int]] = {}
+    for leaf, p in enumerate(pieces):
+        w = owners.get(p.chunk_id)
+        if w is None or w not in names:
+            w = max(names, key=lambda n: _score(str(p.chunk_id), n))
+        out.setdefault(w, []).append(leaf)
+    return out

@@ -1,0 +1,959 @@
+"""The training loop.
+
+``Trainer.fit`` reads top to bottom in stages: open the parameter store (take
+its write lock, load or initialize the run), then per step: plan the batch,
+compute the reduced partial on the cluster (the one sync point of a step),
+check it, update the parameters, log, commit when due, validate and stop at
+epoch ends.  Everything that decides the numbers (the batch plan, the
+reduction tree, the optimizer) is a pure function of the seed and the
+committed state, so a resumed run reproduces an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dasktrain._tree import flatten, global_norm, unflatten
+from dasktrain.callbacks import Callback, EarlyStopping, ProgressBar
+from dasktrain.data import Dataset
+from dasktrain.engine.cache import DEFAULT_CACHE_FRACTION
+from dasktrain.engine.cluster import ClientHandle, get_client
+from dasktrain.engine.engine import Engine, PassResult
+from dasktrain.engine.plan import epoch_steps, full_pass
+from dasktrain.errors import ConfigMismatchError, DivergenceError, StoreError
+from dasktrain.history import History
+from dasktrain.models.base import Model, model_from_config
+from dasktrain.optim import LBFGS, Optimizer, apply_updates, optimizer_from_config
+from dasktrain.params import ParamStore
+from dasktrain.partial import Partial
+from dasktrain.schema import Schema
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Trainer"]
+
+#: Topic of the events the trainer logs to the Dask scheduler (one per step).
+EVENT_TOPIC = "dasktrain"
+STORE_FORMAT_META_KEYS = ("model", "optimizer", "seed", "schema", "progress")
+
+
+@dataclass
+class _Run:
+    """The state a committed version captures."""
+
+    params: dict[str, np.ndarray]
+    opt_state: dict[str, np.ndarray]
+    step: int = 0  # optimizer steps done in the whole run
+    epoch: int = 0  # epochs completed
+    epoch_step: int = 0  # steps done in the current, incomplete epoch
+    batch_rows: int | None = None
+    status: str = "new"
+    history: History = field(default_factory=History)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains a model on a :class:`~dasktrain.Dataset` with a Dask cluster,
+    keeping parameters, optimizer state and history in a parameter store.
+
+    Parameters
+    ----------
+    model:
+        A model from :mod:`dasktrain.models`.
+    optimizer:
+        An optimizer from :mod:`dasktrain.optim`.
+    store:
+        Path of the parameter store (a Zarr group; created on first fit).  If it
+        already holds a run of the same model and optimizer, ``fit`` continues
+        that run.
+    client:
+        A :class:`distributed.Client`, a scheduler address, or ``None``: the
+        current client if there is one, else an embedded ``LocalCluster``
+        started for this trainer and closed by :meth:`close`.
+    seed:
+        Seeds parameter initialization and minibatch order.
+    keep_versions:
+        Committed versions kept in the store (older ones are deleted).
+    cache_fraction:
+        Fraction of each worker's memory limit used to keep decoded chunks.
+
+    Examples
+    --------
+    >>> import numpy as np, dasktrain as dt
+    >>> X = np.random.default_rng(0).normal(size=(1000, 5)).astype("float32")
+    >>> ds = dt.Dataset.from_arrays("/tmp/doc-train.zarr", X=X, y=(X[:, 0] > 0),
+    ...                             chunk_rows=250, overwrite=True)
+    >>> with dt.Trainer(dt.models.LogisticRegression(l2=1e-3), dt.optim.Adam(0.1),
+    ...                 store="/tmp/doc-run.zarr") as trainer:  # doctest: +SKIP
+    ...     history = trainer.fit(ds, epochs=20)
+    ...     trainer.evaluate(ds)["accuracy"] > 0.9
+    True
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        optimizer: Optimizer,
+        *,
+        store: str | os.PathLike[str],
+        client: Any = None,
+        seed: int = 0,
+        keep_versions: int = 3,
+        cache_fraction: float = DEFAULT_CACHE_FRACTION,
+    ) -> None:
+        if not isinstance(model, Model):
+            raise TypeError(
+                f"model must be a dasktrain model, got {type(model).__name__}"
+            )
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                "optimizer must be a dasktrain optimizer, "
+                f"got {type(optimizer).__name__}"
+            )
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
+        self.model = model
+        self.optimizer = optimizer
+        self.store_path = os.fspath(store)
+        self.seed = int(seed)
+        self.keep_versions = keep_versions
+        self.stop_training = False
+        self._run: _Run | None = None
+        self._schema: Schema | None = None
+        if ParamStore.exists(self.store_path):
+            self._check_store_matches(ParamStore.open(self.store_path))
+        self._handle: ClientHandle = get_client(client)
+        self._engine = Engine(self._handle.client, cache_fraction=cache_fraction)
+
+    # -- construction from a store ---------------------------------------------
+    @classmethod
+    def resume(
+        cls,
+        store: str | os.PathLike[str],
+        *,
+        client: Any = None,
+        cache_fraction: float = DEFAULT_CACHE_FRACTION,
+    ) -> Trainer:
+        """A trainer for the run in ``store``, continuing from its last
+        committed version (model, optimizer and seed come from the store)."""
+        ps = ParamStore.open(os.fspath(store))
+        meta = ps.meta
+        try:
+            model = model_from_config(meta["model"])
+            optimizer = optimizer_from_config(meta["optimizer"])
+            seed = int(meta["seed"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(
+                f"parameter store {os.fspath(store)!r} does not describe a run: {exc}"
+            ) from exc
+        return cls(
+            model,
+            optimizer,
+            store=store,
+            client=client,
+            seed=seed,
+            keep_versions=ps.keep_versions,
+            cache_fraction=cache_fraction,
+        )
+
+    def _check_store_matches(self, ps: ParamStore) -> None:
+        meta = ps.meta
+        if "model" not in meta:
+            return
+        if meta["model"] != self.model.config():
+            raise ConfigMismatchError(
+                f"parameter store {self.store_path!r} holds a run of {meta['model']}, "
+                f"not {self.model.config()}; use another store, or Trainer.resume() "
+                f"to continue that run"
+            )
+        if meta.get("optimizer") != self.optimizer.config():
+            raise ConfigMismatchError(
+                f"parameter store {self.store_path!r} was trained with optimizer "
+                f"{meta.get('optimizer')}, not {self.optimizer.config()}; "
+                f"its optimizer state cannot be reused"
+            )
+        if int(meta.get("seed", self.seed)) != self.seed:
+            raise ConfigMismatchError(
+                f"parameter store {self.store_path!r} was trained with seed "
+                f"{meta.get('seed')}, not {self.seed}"
+            )
+
+    # -- public properties -----------------------------------------------------
+    @property
+    def client(self) -> Any:
+        return self._handle.client
+
+    @property
+    def dashboard_link(self) -> str | None:
+        try:
+            return str(self._handle.client.dashboard_link)
+        except Exception:
+            return None
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """Current parameters (name -> numpy array): the last step of this
+        session, or else the store's committed version."""
+        run = self._current_run()
+        return {k: v.copy() for k, v in run.params.items()}
+
+    @property
+    def history(self) -> History:
+        return self._current_run().history
+
+    @property
+    def step(self) -> int:
+        return self._current_run().step
+
+    @property
+    def epoch(self) -> int:
+        return self._current_run().epoch
+
+    def _current_run(self) -> _Run:
+        if self._run is None:
+            if not ParamStore.exists(self.store_path):
+                raise RuntimeError(
+                    f"no parameters yet: the store {self.store_path!r} does not exist; "
+                    f"call fit() first"
+                )
+            ps = ParamStore.open(self.store_path)
+            if ps.committed is None:
+                raise RuntimeError(
+                    f"store {self.store_path!r} has no committed version"
+                )
+            self._run = self._load(ps)
+        return self._run
+
+    # -- loading and committing -----------------------------------------------
+    def _load(self, ps: ParamStore) -> _Run:
+        version = ps.read()
+        meta = ps.meta
+        prog = meta.get("progress", {})
+        self._schema = Schema.from_json(meta["schema"]) if "schema" in meta else None
+        return _Run(
+            params={k: np.asarray(v) for k, v in version.params.items()},
+            opt_state={k: np.asarray(v) for k, v in version.opt_state.items()},
+            step=int(prog.get("step", version.step)),
+            epoch=int(prog.get("epoch", 0)),
+            epoch_step=int(prog.get("epoch_step", 0)),
+            batch_rows=prog.get("batch_rows"),
+            status=str(meta.get("status", "running")),
+            history=History(meta.get("history", [])),
+            callbacks=dict(meta.get("callbacks", {})),
+            dataset=dict(meta.get("dataset", {})),
+        )
+
+    def _meta(self, run: _Run) -> dict[str, Any]:
+        assert self._schema is not None
+        return {
+            "model": self.model.config(),
+            "optimizer": self.optimizer.config(),
+            "seed": self.seed,
+            "schema": self._schema.to_json(),
+            "progress": {
+                "step": run.step,
+                "epoch": run.epoch,
+                "epoch_step": run.epoch_step,
+                "batch_rows": run.batch_rows,
+            },
+            "status": run.status,
+            "dataset": run.dataset,
+            "history": run.history.rows,
+            "callbacks": run.callbacks,
+            "writer": {"host": socket.gethostname(), "pid": os.getpid()},
+        }
+
+    def _commit(self, ps: ParamStore, run: _Run) -> None:
+        ps.commit(run.step, run.params, run.opt_state, self._meta(run))
+        logger.debug("committed step %d to %s", run.step, self.store_path)
+
+    def _open_for_fit(self, data: Dataset) -> ParamStore:
+        """Create or open the store for writing; the caller holds its lock."""
+        if ParamStore.exists(self.store_path):
+            ps = ParamStore.open(self.store_path)
+            self._check_store_matches(ps)
+            return ps
+        os.makedirs(os.path.dirname(os.path.abspath(self.store_path)), exist_ok=True)
+        return ParamStore.create(
+            self.store_path, keep_versions=self.keep_versions, meta={}
+        )
+
+    def _start_run(self, ps: ParamStore, data: Dataset) -> _Run:
+        if ps.committed is not None:
+            run = self._load(ps)
+            assert self._schema is not None
+            if self._schema.n_features != data.schema.n_features:
+                raise ConfigMismatchError(
+                    f"parameter store {self.store_path!r} holds a model for "
+                    f"{self._schema.n_features} features, but dataset {data.path!r} "
+                    f"has {data.schema.n_features}"
+                )
+            for name, info in self._schema.fields.items():
+                found = data.schema.fields.get(name)
+                if found is None or found.shape != info.shape:
+                    raise ConfigMismatchError(
+                        f"parameter store {self.store_path!r} was trained on field "
+                        f"{name!r} with row shape {info.shape}, dataset {data.path!r} "
+                        f"has {None if found is None else found.shape}"
+                    )
+            return run
+        # A fresh run: initialize parameters and commit them as step 0.
+        self._schema = data.schema
+        rng = np.random.default_rng([self.seed, 0xD7])
+        params = {
+            k: np.asarray(v, dtype=np.float64)
+            for k, v in self.model.init(rng, data.schema).items()
+        }
+        run = _Run(
+            params=params, opt_state=self.optimizer.init(params), status="running"
+        )
+        run.dataset = _dataset_meta(data)
+        self._commit(ps, run)
+        return run
+
+    # -- the training loop -----------------------------------------------------
+    def fit(
+        self,
+        data: Dataset,
+        *,
+        epochs: int,
+        batch_rows: int | None = None,
+        validation: Dataset | None = None,
+        callbacks: Sequence[Callback] = (),
+        early_stopping: EarlyStopping | None = None,
+        checkpoint_every: int | None = None,
+        checkpoint_seconds: float = 60.0,
+        on_nonfinite: str = "raise",
+        progress: bool = True,
+    ) -> History:
+        """Train until the run has completed ``epochs`` epochs in total.
+
+        Parameters
+        ----------
+        data:
+            Training :class:`~dasktrain.Dataset` (a store or a view of one).
+        epochs:
+            Total epochs of the run, counting those already in the store: the
+            same call after a crash finishes the same run.  With
+            :class:`~dasktrain.optim.LBFGS`, an epoch is one iteration.
+        batch_rows:
+            Rows per step; ``None`` for full-batch steps.  Minibatches are whole
+            shuffled chunks when ``batch_rows >= chunk_rows``, else shuffled
+            slices of one chunk (see :func:`dasktrain.engine.plan.epoch_steps`).
+        validation:
+            Evaluated at each epoch end; adds ``val_*`` columns to the history.
+        callbacks:
+            :class:`~dasktrain.callbacks.Callback` objects.
+        early_stopping:
+            An :class:`~dasktrain.callbacks.EarlyStopping` (state kept in the store).
+        checkpoint_every, checkpoint_seconds:
+            Commit a version every this many steps, and whenever this many
+            seconds passed since the last commit; always at the end of the fit.
+        on_nonfinite:
+            ``"raise"`` (default): NaN/inf in a data chunk stops the fit with an
+            error naming the chunk and row; ``"skip"``: such rows are dropped.
+        progress:
+            Show a progress bar.
+
+        Returns
+        -------
+        History
+            All steps of the run (including earlier sessions').
+        """
+        self._check_fit_args(data, epochs, batch_rows, validation, checkpoint_every)
+        self.model.check_schema(data.schema)
+        if validation is not None:
+            self.model.check_schema(validation.schema)
+        all_callbacks: list[Callback] = list(callbacks)
+        if early_stopping is not None:
+            all_callbacks.append(early_stopping)
+
+        ps = self._open_for_fit(data)
+        with ps.lock(owner=f"Trainer.fit pid {os.getpid()}"):
+            ps.cleanup()
+            run = self._start_run(ps, data)
+            self._run = run
+            self._check_resumable(run, data, batch_rows)
+            for cb in all_callbacks:
+                saved = run.callbacks.get(type(cb).__name__)
+                if saved is not None:
+                    cb.load_state_dict(saved)
+            if run.epoch >= epochs or run.status in ("converged", "stopped"):
+                logger.info(
+                    "store %s already has %d epochs (status %s); nothing to do",
+                    self.store_path,
+                    run.epoch,
+                    run.status,
+                )
+                return run.history
+            run.batch_rows = batch_rows
+            run.dataset = _dataset_meta(data)
+            if progress:
+                steps_per_epoch = self._steps_per_epoch(data, batch_rows)
+                all_callbacks.insert(
+                    0,
+                    ProgressBar(
+                        total_steps=steps_per_epoch * epochs,
+                        initial=min(run.step, steps_per_epoch * epochs),
+                    ),
+                )
+            self.stop_training = False
+            for cb in all_callbacks:
+                cb.on_fit_begin(self)
+            try:
+                if isinstance(self.optimizer, LBFGS):
+                    self._fit_lbfgs(
+                        ps,
+                        run,
+                        data,
+                        epochs,
+                        validation,
+                        all_callbacks,
+                        checkpoint_every,
+                        checkpoint_seconds,
+                        on_nonfinite,
+                    )
+                else:
+                    self._fit_steps(
+                        ps,
+                        run,
+                        data,
+                        epochs,
+                        batch_rows,
+                        validation,
+                        all_callbacks,
+                        checkpoint_every,
+                        checkpoint_seconds,
+                        on_nonfinite,
+                    )
+            finally:
+                for cb in all_callbacks:
+                    cb.on_fit_end(self, run.history)
+        return run.history
+
+    def _check_fit_args(
+        self,
+        data: Any,
+        epochs: Any,
+        batch_rows: Any,
+        validation: Any,
+        checkpoint_every: Any,
+    ) -> None:
+        if not isinstance(data, Dataset):
+            raise TypeError(
+                f"fit() needs a dasktrain.Dataset, got {type(data).__name__}; "
+                f"write arrays with Dataset.from_arrays() first"
+            )
+        if validation is not None and not isinstance(validation, Dataset):
+            raise TypeError(
+                f"validation must be a Dataset, got {type(validation).__name__}"
+            )
+        if (
+            not isinstance(epochs, int | np.integer)
+            or isinstance(epochs, bool)
+            or epochs < 0
+        ):
+            raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+        if batch_rows is not None and (
+            not isinstance(batch_rows, int | np.integer)
+            or isinstance(batch_rows, bool)
+            or batch_rows < 1
+        ):
+            raise ValueError(
+                f"batch_rows must be a positive integer or None, got {batch_rows!r}"
+            )
+        if batch_rows is not None and self.optimizer.full_batch_only:
+            raise ValueError(
+                f"{type(self.optimizer).__name__} needs full-batch training: "
+                f"use batch_rows=None"
+            )
+        if checkpoint_every is not None and (
+            not isinstance(checkpoint_every, int | np.integer) or checkpoint_every < 1
+        ):
+            raise ValueError(
+                f"checkpoint_every must be a positive integer, got {checkpoint_every!r}"
+            )
+
+    def _check_resumable(
+        self, run: _Run, data: Dataset, batch_rows: int | None
+    ) -> None:
+        if run.epoch_step == 0:
+            return
+        if run.batch_rows != batch_rows:
+            raise ConfigMismatchError(
+                f"parameter store {self.store_path!r} stopped in the middle of epoch "
+                f"{run.epoch + 1} with batch_rows={run.batch_rows}; continue it with "
+                f"the same batch_rows (the batch plan of an epoch depends on it)"
+            )
+        if run.dataset.get("uuid") != data.uuid or list(
+            run.dataset.get("chunk_ids", [])
+        ) != list(data.chunk_ids):
+            raise ConfigMismatchError(
+                f"parameter store {self.store_path!r} stopped in the middle of epoch "
+                f"{run.epoch + 1} on dataset {run.dataset.get('url')!r}; continue it "
+                f"on the same dataset (and split) to finish that epoch"
+            )
+
+    def _steps_per_epoch(self, data: Dataset, batch_rows: int | None) -> int:
+        if batch_rows is None:
+            return 1
+        return len(
+            epoch_steps(
+                data.chunk_ids,
+                data.chunk_n_rows,
+                batch_rows=batch_rows,
+                seed=0,
+                epoch=0,
+            )
+        )
+
+    def _pass(
+        self,
+        data: Dataset,
+        params: Mapping[str, np.ndarray],
+        pieces: Any,
+        *,
+        with_grads: bool,
+        nonfinite: str,
+    ) -> PassResult:
+        return self._engine.run_pass(
+            data.ref,
+            self.model,
+            params,
+            pieces,
+            placement_chunks=data.chunk_ids,
+            with_grads=with_grads,
+            nonfinite=nonfinite,
+        )
+
+    def _objective(
+        self, partial: Partial, params: Mapping[str, np.ndarray], step: int
+    ) -> tuple[float, float, dict[str, np.ndarray]]:
+        """Mean data loss, objective and objective gradient; raises
+        :class:`DivergenceError` on non-finite values."""
+        n = partial.n_rows
+        if n == 0:
+            raise DivergenceError(f"step {step}: the batch has no rows (all skipped?)")
+        loss = partial.loss_sum / n
+        objective = loss + self.model.penalty(dict(params))
+        pgrad = self.model.penalty_grad(dict(params))
+        grads = {
+            k: np.asarray(g, dtype=np.float64) / n + pgrad[k]
+            for k, g in partial.grads.items()
+        }
+        bad = [k for k, g in grads.items() if not np.all(np.isfinite(g))]
+        if not math.isfinite(objective) or bad:
+            what = (
+                f"loss is {objective}"
+                if not math.isfinite(objective)
+                else f"gradient of {bad} is not finite"
+            )
+            raise DivergenceError(
+                f"step {step}: {what}; the store {self.store_path!r} keeps the last "
+                f"good version. Lower the learning rate or add gradient clipping."
+            )
+        return loss, objective, grads
+
+    def _log_row(
+        self, run: _Run, row: dict[str, Any], callbacks: Sequence[Callback]
+    ) -> None:
+        run.history.append(row)
+        try:
+            # One small message to the scheduler's event log per step (~1 ms):
+            # feeds the dashboard page; never blocks on the result.
+            self._handle.client.log_event(
+                EVENT_TOPIC, {"store": self.store_path, **row}
+            )
+        except Exception:
+            logger.debug("could not log a dashboard event", exc_info=True)
+        for cb in callbacks:
+            cb.on_step_end(self, row)
+
+    def _epoch_end(
+        self,
+        run: _Run,
+        row: dict[str, Any],
+        validation: Dataset | None,
+        callbacks: Sequence[Callback],
+        on_nonfinite: str,
+    ) -> None:
+        if validation is not None:
+            res = self._pass(
+                validation,
+                run.params,
+                full_pass(validation.chunk_ids, validation.chunk_n_rows),
+                with_grads=False,
+                nonfinite=on_nonfinite,
+            )
+            for k, v in self.model.summarize(res.partial).items():
+                row[f"val_{k}"] = v
+        for cb in callbacks:
+            cb.on_epoch_end(self, row)
+        run.callbacks = {
+            type(cb).__name__: cb.state_dict() for cb in callbacks if cb.state_dict()
+        }
+
+    def _fit_steps(
+        self,
+        ps: ParamStore,
+        run: _Run,
+        data: Dataset,
+        epochs: int,
+        batch_rows: int | None,
+        validation: Dataset | None,
+        callbacks: Sequence[Callback],
+        checkpoint_every: int | None,
+        checkpoint_seconds: float,
+        on_nonfinite: str,
+    ) -> None:
+        last_commit = time.monotonic()
+        committed_step = run.step
+        try:
+            while run.epoch < epochs and not self.stop_training:
+                # Plan: the epoch's batches are a pure function of (seed, epoch).
+                plan = epoch_steps(
+                    data.chunk_ids,
+                    data.chunk_n_rows,
+                    batch_rows=batch_rows,
+                    seed=self.seed,
+                    epoch=run.epoch,
+                )
+                for pieces in plan[run.epoch_step :]:
+                    if self.stop_training:
+                        break
+                    t0 = time.perf_counter()
+                    # Gradients: one pass over the batch on the cluster (sync point).
+                    res = self._pass(
+                        data,
+                        run.params,
+                        pieces,
+                        with_grads=True,
+                        nonfinite=on_nonfinite,
+                    )
+                    loss, objective, grads = self._objective(
+                        res.partial, run.params, run.step + 1
+                    )
+                    grad_norm = global_norm(grads)
+                    # Update: optimizer on the client (parameters are small here).
+                    updates, opt_state = self.optimizer.update(
+                        grads, run.opt_state, run.params
+                    )
+                    params = apply_updates(run.params, updates)
+                    if not all(np.all(np.isfinite(v)) for v in params.values()):
+                        raise DivergenceError(
+                            f"step {run.step + 1}: the update made parameters "
+                            f"non-finite; the store {self.store_path!r} keeps the last "
+                            f"good version. Lower the learning rate or add gradient "
+                            f"clipping."
+                        )
+                    lr = self.optimizer.learning_rate_at(run.step)
+                    run.params, run.opt_state = params, opt_state
+                    run.step += 1
+                    run.epoch_step += 1
+                    seconds = time.perf_counter() - t0
+                    row = {
+                        "step": run.step,
+                        "epoch": run.epoch + 1,
+                        "loss": loss,
+                        "objective": objective,
+                        "grad_norm": grad_norm,
+                        "learning_rate": lr,
+                        "rows": res.partial.n_rows,
+                        "rows_per_s": res.partial.n_rows / seconds
+                        if seconds > 0
+                        else math.nan,
+                        "seconds": seconds,
+                        **{
+                            f"train_{k}": v
+                            for k, v in self.model.summarize(res.partial).items()
+                            if k != "loss"
+                        },
+                        "cache_hit_rate": _hit_rate(res),
+                    }
+                    if run.epoch_step == len(plan):
+                        run.epoch += 1
+                        run.epoch_step = 0
+                        self._epoch_end(run, row, validation, callbacks, on_nonfinite)
+                    self._log_row(run, row, callbacks)
+                    if run.epoch >= epochs:
+                        run.status = "finished"
+                    elif self.stop_training:
+                        run.status = "stopped"
+                    # Checkpoint: commit when due (a new version, then one
+                    # metadata write), and always at the end of the fit.
+                    now = time.monotonic()
+                    if (
+                        run.status != "running"
+                        or (
+                            checkpoint_every is not None
+                            and run.step % checkpoint_every == 0
+                        )
+                        or now - last_commit >= checkpoint_seconds
+                    ):
+                        self._commit(ps, run)
+                        committed_step, last_commit = run.step, now
+        finally:
+            # On an error or Ctrl-C, keep the steps computed since the last
+            # commit: ``run`` only ever holds checked, finite states.
+            if run.step > committed_step:
+                self._commit(ps, run)
+
+    def _fit_lbfgs(
+        self,
+        ps: ParamStore,
+        run: _Run,
+        data: Dataset,
+        epochs: int,
+        validation: Dataset | None,
+        callbacks: Sequence[Callback],
+        checkpoint_every: int | None,
+        checkpoint_seconds: float,
+        on_nonfinite: str,
+    ) -> None:
+        """L-BFGS: each iteration (an "epoch" of the run) is a direction from
+        the stored curvature pairs and a strong-Wolfe line search whose every
+        trial is one full pass over the data."""
+        opt = self.optimizer
+        assert isinstance(opt, LBFGS)
+        pieces = full_pass(data.chunk_ids, data.chunk_n_rows)
+        like = run.params
+
+        def evaluate(x: np.ndarray) -> tuple[float, float, np.ndarray, PassResult]:
+            params = unflatten(x, like)
+            # One full pass on the cluster (sync point).
+            res = self._pass(
+                data, params, pieces, with_grads=True, nonfinite=on_nonfinite
+            )
+            loss, objective, grads = self._objective(res.partial, params, run.step + 1)
+            return loss, objective, flatten(grads), res
+
+        last_commit = time.monotonic()
+        committed_step = run.step
+        x = flatten(run.params)
+        # The objective at the committed point: recomputed, not stored, so a
+        # resumed run sees exactly the bits an uninterrupted one had.
+        loss, f, g, _ = evaluate(x)
+        try:
+            while run.epoch < epochs and not self.stop_training:
+                if opt.converged(f, g):
+                    run.status = "converged"
+                    break
+                t0 = time.perf_counter()
+                p = opt.direction(run.opt_state, g)
+                ls = opt.line_search(f, float(g @ p))
+                trials: list[
+                    tuple[np.ndarray, float, float, np.ndarray, PassResult | None]
+                ] = []
+                while not ls.done:
+                    alpha = ls.next_alpha()
+                    xt = x + alpha * p
+                    try:
+                        lt, ft, gt, rt = evaluate(xt)
+                    except DivergenceError:
+                        # A non-finite trial: the line search shrinks the step.
+                        ls.observe(alpha, math.nan, math.nan)
+                        trials.append(
+                            (xt, math.nan, math.nan, np.full_like(x, np.nan), None)
+                        )
+                        continue
+                    ls.observe(alpha, ft, float(gt @ p))
+                    trials.append((xt, lt, ft, gt, rt))
+                result = ls.result
+                if not result.accepted:
+                    if int(run.opt_state["n_hist"]) == 0:
+                        logger.info("L-BFGS: no decrease along the gradient; stopping")
+                        run.status = "converged"
+                        break
+                    run.opt_state = opt.reset(run.opt_state)
+                    continue
+                x_new, loss, f_new, g_new, accepted = trials[result.trial_index]
+                assert accepted is not None
+                res = accepted
+                run.opt_state = opt.push(run.opt_state, x_new - x, g_new - g)
+                x, f, g = x_new, f_new, g_new
+                run.params = unflatten(x, like)
+                run.step += 1
+                run.epoch += 1
+                seconds = time.perf_counter() - t0
+                n_rows = res.partial.n_rows * len(trials)
+                row = {
+                    "step": run.step,
+                    "epoch": run.epoch,
+                    "loss": loss,
+                    "objective": f,
+                    "grad_norm": float(np.linalg.norm(g)),
+                    "learning_rate": float(result.alpha),
+                    "rows": n_rows,
+                    "rows_per_s": n_rows / seconds if seconds > 0 else math.nan,
+                    "seconds": seconds,
+                    "evals": len(trials),
+                    **{
+                        f"train_{k}": v
+                        for k, v in self.model.summarize(res.partial).items()
+                        if k != "loss"
+                    },
+                    "cache_hit_rate": _hit_rate(res),
+                }
+                self._epoch_end(run, row, validation, callbacks, on_nonfinite)
+                self._log_row(run, row, callbacks)
+                if opt.converged(f, g):
+                    run.status = "converged"
+                elif run.epoch >= epochs:
+                    run.status = "finished"
+                elif self.stop_training:
+                    run.status = "stopped"
+                now = time.monotonic()
+                if (
+                    run.status != "running"
+                    or (
+                        checkpoint_every is not None
+                        and run.step % checkpoint_every == 0
+                    )
+                    or now - last_commit >= checkpoint_seconds
+                ):
+                    self._commit(ps, run)
+                    committed_step, last_commit = run.step, now
+                if run.status == "converged":
+                    break
+        finally:
+            # On an error or Ctrl-C, keep the iterations since the last commit.
+            if run.step > committed_step:
+                self._commit(ps, run)
+
+    # -- evaluation and prediction ---------------------------------------------
+    def evaluate(
+        self, data: Dataset, *, on_nonfinite: str = "raise"
+    ) -> dict[str, float]:
+        """Mean data loss and the model's metrics on ``data`` (one pass).
+
+        Returns ``{"loss": ..., "accuracy": ...}`` for classifiers and
+        ``{"loss": ..., "mse": ..., "r2": ...}`` for regressors.
+        """
+        if not isinstance(data, Dataset):
+            raise TypeError(
+                f"evaluate() needs a dasktrain.Dataset, got {type(data).__name__}"
+            )
+        self.model.check_schema(data.schema)
+        run = self._current_run()
+        self._check_features(data)
+        res = self._pass(
+            data,
+            run.params,
+            full_pass(data.chunk_ids, data.chunk_n_rows),
+            with_grads=False,
+            nonfinite=on_nonfinite,
+        )
+        return {k: float(v) for k, v in self.model.summarize(res.partial).items()}
+
+    def _check_features(self, data: Dataset) -> None:
+        if (
+            self._schema is not None
+            and self._schema.n_features != data.schema.n_features
+        ):
+            raise ConfigMismatchError(
+                f"the model was trained on {self._schema.n_features} features, "
+                f"dataset {data.path!r} has {data.schema.n_features}"
+            )
+
+    def predict(self, X: Any) -> Any:
+        """Predictions (labels for classifiers): numpy in, numpy out; dask
+        array in, dask array out; a Dataset in, a dask array out."""
+        return self._apply("predict", X)
+
+    def predict_proba(self, X: Any) -> Any:
+        """Class probabilities (classifiers only)."""
+        if not self.model.is_classifier:
+            raise AttributeError(f"{type(self.model).__name__} is not a classifier")
+        return self._apply("predict_proba", X)
+
+    def _apply(self, kind: str, X: Any) -> Any:
+        import dask.array as da
+
+        run = self._current_run()
+        params = {k: v for k, v in run.params.items()}
+        fn = getattr(self.model, kind)
+        if isinstance(X, Dataset):
+            self._check_features(X)
+            X = X.to_dask("X")
+        if isinstance(X, da.Array):
+            if X.ndim != 2:
+                raise ValueError(f"X must be 2-d, got shape {X.shape}")
+            self._check_width(X.shape[1])
+            if X.chunks[1] != (X.shape[1],):
+                X = X.rechunk({1: -1})
+            probe = fn(params, np.zeros((1, X.shape[1]), dtype=X.dtype))
+            out_shape = probe.shape[1:]
+            return X.map_blocks(
+                _apply_block,
+                fn,
+                params,
+                dtype=probe.dtype,
+                drop_axis=1 if not out_shape else None,
+                chunks=(X.chunks[0], *tuple((s,) for s in out_shape)),
+            )
+        arr = np.asarray(X)
+        if arr.ndim != 2:
+            raise ValueError(f"X must be 2-d (rows, features), got shape {arr.shape}")
+        if arr.dtype.kind not in "fiub":
+            raise TypeError(f"X must be numeric, got dtype {arr.dtype}")
+        self._check_width(arr.shape[1])
+        return fn(params, arr if arr.dtype.kind == "f" else arr.astype(np.float64))
+
+    def _check_width(self, width: int) -> None:
+        if self._schema is not None and self._schema.n_features != width:
+            raise ValueError(
+                f"X has {width} features, the model was trained on "
+                f"{self._schema.n_features}"
+            )
+
+    # -- lifecycle ---------------------------------------------------------------
+    def close(self) -> None:
+        """Close the embedded cluster, if this trainer started one."""
+        self._handle.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "no run yet"
+        if self._run is not None:
+            state = (
+                f"step {self._run.step}, epoch {self._run.epoch}, {self._run.status}"
+            )
+        return (
+            f"Trainer({self.model!r}, {self.optimizer!r}, "
+            f"store={self.store_path!r}; {state})"
+        )
+
+
+def _apply_block(
+    block: np.ndarray, fn: Any, params: Mapping[str, np.ndarray]
+) -> np.ndarray:
+    return np.asarray(fn(dict(params), block))
+
+
+def _hit_rate(res: PassResult) -> float:
+    total = res.cache_hits + res.cache_misses
+    return res.cache_hits / total if total else math.nan
+
+
+def _dataset_meta(data: Dataset) -> dict[str, Any]:
+    return {
+        "url": data.path,
+        "uuid": data.uuid,
+        "n_rows": int(sum(data.chunk_n_rows(c) for c in data.chunk_ids)),
+        "chunk_ids": [int(c) for c in data.chunk_ids],
+    }
