@@ -155,5 +155,9 @@ class ProgressBar(Callback):
 
     def on_fit_end(self, trainer: Trainer, history: History) -> None:
         if self._bar is not None:
+            if self._bar.total is not None and self._bar.n < self._bar.total:
+                # Converged or stopped early: show the bar as complete.
+                self._bar.total = self._bar.n
+                self._bar.refresh()
             self._bar.close()
             self._bar = None
