@@ -124,6 +124,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             args.data,
             n_rows=args.rows,
             n_features=args.features,
+            chunk_rows=args.chunk_rows,
             seed=0,
             client=client,
         )
@@ -474,6 +475,7 @@ def _parser() -> argparse.ArgumentParser:
         "--rows", type=int, default=QUICKSTART_ROWS, help="rows of the dataset"
     )
     p.add_argument("--features", type=int, default=QUICKSTART_FEATURES, help="features")
+    p.add_argument("--chunk-rows", type=int, default=65_536, help="rows per chunk")
     p.add_argument("--data", default=QUICKSTART_DATA, help="dataset store path")
     p.add_argument(
         "--run", default=QUICKSTART_RUN, help="parameter store path (replaced)"

@@ -26,16 +26,22 @@ class ClientHandle:
 
     client: Client
     cluster: LocalCluster | None
+    owns_client: bool = False
 
     @property
     def owned(self) -> bool:
         return self.cluster is not None
 
     def close(self) -> None:
+        """Close what this handle started: the embedded cluster and its client,
+        or the client it opened to a scheduler address."""
         if self.cluster is not None:
             self.client.close()
             self.cluster.close()
             self.cluster = None
+        elif self.owns_client:
+            self.client.close()
+            self.owns_client = False
 
 
 def _start_local_cluster(n_workers: int | None = None) -> ClientHandle:
@@ -72,7 +78,7 @@ def get_client(client: Client | str | None = None) -> ClientHandle:
     if isinstance(client, Client):
         return ClientHandle(client, None)
     if isinstance(client, str):
-        return ClientHandle(Client(client), None)
+        return ClientHandle(Client(client), None, owns_client=True)
     try:
         from distributed import default_client
 
