@@ -1,0 +1,208 @@
+"""Out-of-core training: a store several times larger than the workers' memory.
+
+Run by hand from the repository root (it is not a test)::
+
+    python3 benchmarks/out_of_core.py          # 15M x 100 (6 GB), 2 workers x 1 GiB
+    python3 benchmarks/out_of_core.py --rows 4000000 --memory-limit 512MiB
+
+It generates (once) a float32 classification store under ``data/`` whose size
+is at least ``--ratio`` times the total worker memory limit, then in one run:
+
+1. The decode limit: every chunk of ``X`` and ``y`` read and decoded by
+   ``--workers`` processes over disjoint chunks (no training), rows/s.
+2. dasktrain: full-batch logistic-regression epochs (Adam) on a process
+   ``LocalCluster`` with ``--workers`` single-threaded workers limited to
+   ``--memory-limit`` each; rows/s per epoch from the history.
+
+While training it samples every worker's RSS and records worker restarts
+(worker process ids before/after) and spilled bytes.  It prints the table
+and the ratio epoch rows/s / decode-limit rows/s (target >= 0.8), and checks
+that peak worker RSS stayed under the limit with no restarts and no spilling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import psutil
+
+TARGET_RATIO = 0.8
+
+
+def _parse_bytes(text: str) -> int:
+    from dask.utils import parse_bytes
+
+    return int(parse_bytes(text))
+
+
+def _decode_chunks(url: str, chunk_ids: list[int]) -> int:
+    from dasktrain.data import Dataset
+
+    ds = Dataset.open(url)
+    n = 0
+    for c in chunk_ids:
+        from dasktrain.data.io import read_chunk
+
+        x = read_chunk(ds.ref, "X", c)
+        read_chunk(ds.ref, "y", c)
+        n += x.shape[0]
+    return n
+
+
+def decode_limit(url: str, chunk_ids: list[int], workers: int) -> float:
+    """Rows/s of reading+decoding every chunk with ``workers`` processes."""
+    parts = [chunk_ids[i::workers] for i in range(workers)]
+    with ProcessPoolExecutor(workers) as pool:
+        list(
+            pool.map(_decode_chunks, [url] * workers, [p[:1] for p in parts])
+        )  # warm up
+        t0 = time.perf_counter()
+        rows = sum(pool.map(_decode_chunks, [url] * workers, parts))
+        return rows / (time.perf_counter() - t0)
+
+
+class RssSampler(threading.Thread):
+    """Samples the RSS of a set of processes every ``interval`` seconds."""
+
+    def __init__(self, pids: list[int], interval: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.procs = [psutil.Process(p) for p in pids]
+        self.interval = interval
+        self.peak = dict.fromkeys(pids, 0)
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            for p in self.procs:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    self.peak[p.pid] = max(self.peak[p.pid], p.memory_info().rss)
+            time.sleep(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def _spilled(dask_worker: Any) -> int:
+    """Bytes this worker has spilled to disk so far."""
+    total = getattr(dask_worker.data, "spilled_total", None)
+    return int(getattr(total, "disk", 0) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=15_000_000)
+    parser.add_argument("--features", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--memory-limit", default="1GiB")
+    parser.add_argument(
+        "--ratio", type=float, default=3.0, help="store size / total memory"
+    )
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--codec", default="lz4", choices=("lz4", "zstd", "none"))
+    args = parser.parse_args(argv)
+
+    from distributed import Client, LocalCluster
+
+    import dasktrain as dt
+
+    limit = _parse_bytes(args.memory_limit)
+    path = f"data/bench-ooc-{args.rows}x{args.features}-{args.codec}.zarr"
+    with tempfile.TemporaryDirectory(prefix="dasktrain-ooc-") as tmp:
+        cluster = LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=":0",
+            memory_limit=limit,
+            local_directory=tmp,
+            silence_logs=logging.ERROR,
+        )
+        client = Client(cluster)
+        try:
+            ds = dt.datasets.make_classification(
+                path,
+                n_rows=args.rows,
+                n_features=args.features,
+                codec=args.codec,
+                seed=0,
+                client=client,
+            )
+            total_memory = limit * args.workers
+            ratio = ds.nbytes / total_memory
+            print(
+                f"store {path}: {ds.n_rows:,} x {ds.n_features}, "
+                f"{ds.nbytes / 2**30:.2f} GiB "
+                f"= {ratio:.1f}x the workers' total memory limit "
+                f"({args.workers} x {args.memory_limit})"
+            )
+            if ratio < args.ratio:
+                print(
+                    f"warning: the store is smaller than {args.ratio}x the memory limit"
+                )
+
+            limit_rows_s = decode_limit(ds.path, list(ds.chunk_ids), args.workers)
+            print(
+                f"decode limit ({args.workers} processes): "
+                f"{limit_rows_s / 1e6:.2f} M rows/s"
+            )
+
+            pids_before = client.run(os.getpid)
+            sampler = RssSampler(list(pids_before.values()))
+            sampler.start()
+            trainer = dt.Trainer(
+                dt.models.LogisticRegression(l2=1e-4),
+                dt.optim.Adam(0.05),
+                store=os.path.join(tmp, "run.zarr"),
+                client=client,
+            )
+            history = trainer.fit(ds, epochs=args.epochs, progress=True)
+            sampler.stop()
+            pids_after = client.run(os.getpid)
+            spilled = client.run(_spilled)
+            trainer.close()
+        finally:
+            client.close()
+            cluster.close()
+
+    rows_s = [r["rows_per_s"] for r in history]
+    hit = [r.get("cache_hit_rate", float("nan")) for r in history]
+    print()
+    print(f"{'epoch':>5} {'seconds':>8} {'M rows/s':>9} {'cache hits':>10}")
+    for r, h in zip(history, hit, strict=True):
+        print(
+            f"{r['epoch']:>5} {r['seconds']:>8.2f} "
+            f"{r['rows_per_s'] / 1e6:>9.2f} {h:>10.2f}"
+        )
+    median = statistics.median(rows_s)
+    peak = max(sampler.peak.values())
+    restarts = sorted(set(pids_before.values()) ^ set(pids_after.values()))
+    print()
+    print(f"median epoch throughput: {median / 1e6:.2f} M rows/s")
+    print(
+        f"ratio to the decode limit: {median / limit_rows_s:.2f}x "
+        f"(target >= {TARGET_RATIO})"
+    )
+    print(
+        f"peak worker RSS: {peak / 2**20:.0f} MiB of {limit / 2**20:.0f} MiB "
+        f"({peak / limit:.0%}); worker restarts: {len(restarts) // 2}; "
+        f"spilled bytes: {sum(spilled.values())}"
+    )
+    ok = peak < limit and not restarts and not any(spilled.values())
+    print("bounded memory: " + ("yes" if ok else "NO"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
