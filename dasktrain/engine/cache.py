@@ -3,10 +3,17 @@
 Decoding, not arithmetic, bounds training on compressed data, so each worker
 keeps the chunks it owns decoded in memory, up to a budget that is a fraction
 of the worker's memory limit.  Dask does not see this memory as managed (it
-cannot spill it), so the budget is enforced here: least recently used chunks
-are evicted, and a chunk larger than the whole budget is never cached (it
-streams).  The cache never grows the worker past its budget, so a fit never
-drives a worker into Dask's pause threshold.
+cannot spill it), so the budget is enforced here, and the cache never grows
+the worker past it, so a fit never drives a worker into Dask's pause
+threshold.
+
+Admission and eviction: entries belong to a *group* (a dataset store).  A new
+entry may evict least recently used entries of *other* groups, never of its
+own: training scans a dataset cyclically, and with plain LRU a dataset larger
+than the budget would evict every chunk just before it is needed again (a 0%
+hit rate).  Instead the first chunks that fit stay cached and the rest stream,
+so the hit rate is the fraction of the data that fits.  A chunk larger than
+the whole budget is never cached.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ class ChunkCache:
         self.budget_bytes = max(0, int(budget_bytes))
         self._data: OrderedDict[Hashable, Any] = OrderedDict()
         self._sizes: dict[Hashable, int] = {}
+        self._groups: dict[Hashable, Hashable] = {}
         self._n_bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -82,27 +90,41 @@ class ChunkCache:
             self.hits += 1
             return value
 
-    def put(self, key: Hashable, value: Any, n_bytes: int) -> bool:
-        """Insert; returns False if the value is larger than the budget."""
+    def put(
+        self, key: Hashable, value: Any, n_bytes: int, *, group: Hashable = None
+    ) -> bool:
+        """Insert; returns False if the value was not admitted (larger than the
+        budget, or room would have to be taken from its own group)."""
         if n_bytes > self.budget_bytes:
             return False
         with self._lock:
             if key in self._data:
-                self._n_bytes -= self._sizes.pop(key)
-                del self._data[key]
-            while self._data and self._n_bytes + n_bytes > self.budget_bytes:
-                old, _ = self._data.popitem(last=False)
-                self._n_bytes -= self._sizes.pop(old)
-                self.evictions += 1
+                self._drop(key)
+            if self._n_bytes + n_bytes > self.budget_bytes:
+                # Free room from other groups, least recently used first.
+                for old in [k for k in self._data if self._groups[k] != group]:
+                    if self._n_bytes + n_bytes <= self.budget_bytes:
+                        break
+                    self._drop(old)
+                    self.evictions += 1
+            if self._n_bytes + n_bytes > self.budget_bytes:
+                return False
             self._data[key] = value
             self._sizes[key] = n_bytes
+            self._groups[key] = group
             self._n_bytes += n_bytes
             return True
+
+    def _drop(self, key: Hashable) -> None:
+        del self._data[key]
+        self._n_bytes -= self._sizes.pop(key)
+        del self._groups[key]
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
             self._sizes.clear()
+            self._groups.clear()
             self._n_bytes = 0
 
     def stats(self) -> CacheStats:

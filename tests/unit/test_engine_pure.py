@@ -1,0 +1,223 @@
+"""The engine's pure parts: the reduction tree, batch plans, placement, and the
+worker chunk cache (no cluster needed)."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dasktrain.engine.cache import ChunkCache
+from dasktrain.engine.plan import (
+    Piece,
+    assign_pieces,
+    chunk_owners,
+    epoch_steps,
+    full_pass,
+    row_permutation,
+)
+from dasktrain.partial import (
+    Partial,
+    RowSparse,
+    combine,
+    covering_nodes,
+    node_span,
+    reduce_node,
+    tree_reduce,
+)
+
+
+def leaves(n: int, seed: int = 0) -> list[Partial]:
+    rng = np.random.default_rng(seed)
+    return [
+        Partial(
+            float(rng.normal() * 1e6),
+            {"w": rng.normal(size=3) * 10.0 ** rng.integers(-8, 8)},
+            int(rng.integers(1, 100)),
+            {"correct": float(rng.integers(0, 50))},
+        )
+        for _ in range(n)
+    ]
+
+
+def same(a: Partial, b: Partial) -> bool:
+    return (
+        a.loss_sum == b.loss_sum
+        and a.n_rows == b.n_rows
+        and dict(a.metrics) == dict(b.metrics)
+        and all(np.array_equal(a.grads[k], b.grads[k]) for k in a.grads)
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 70), data=st.data())
+def test_any_partition_into_held_subtrees_gives_the_same_bits(
+    n: int, data: st.DataObject
+) -> None:
+    """Whatever leaves each worker holds, pre-reducing its covering nodes and
+    completing the tree on the client gives exactly the full tree's result."""
+    parts = leaves(n)
+    reference = tree_reduce(parts)
+    n_workers = data.draw(st.integers(1, 5))
+    owner = data.draw(st.lists(st.integers(0, n_workers - 1), min_size=n, max_size=n))
+    known = {(0, j): p for j, p in enumerate(parts)}
+    nodes: dict[tuple[int, int], Partial] = {}
+    covered: list[int] = []
+    for w in range(n_workers):
+        held = [j for j in range(n) if owner[j] == w]
+        for node in covering_nodes(held, n):
+            nodes[node] = reduce_node(node, n, known)
+            covered.extend(node_span(node, n))
+    assert sorted(covered) == list(range(n)), "covering nodes must partition the leaves"
+    assert same(tree_reduce(nodes, n), reference)
+
+
+def test_tree_order_is_fixed_not_arrival_order() -> None:
+    parts = leaves(9, seed=3)
+    reference = tree_reduce(parts)
+    # A left fold in another order generally differs in the last bits; the tree
+    # is what makes results independent of arrival order.
+    folded = parts[0]
+    for p in parts[1:]:
+        folded = combine(folded, p)
+    assert folded.n_rows == reference.n_rows
+    assert np.allclose(folded.grads["w"], reference.grads["w"], rtol=1e-12, atol=0)
+    shuffled = {(0, j): parts[j] for j in np.random.default_rng(0).permutation(9)}
+    assert same(tree_reduce(shuffled, 9), reference)
+
+
+def test_missing_leaf_is_an_error() -> None:
+    parts = leaves(4)
+    with pytest.raises(KeyError, match="leaf 3"):
+        tree_reduce({(0, 0): parts[0], (0, 1): parts[1], (0, 2): parts[2]}, 4)
+
+
+def test_combine_refuses_mismatched_gradients() -> None:
+    a = Partial(1.0, {"w": np.zeros(2)}, 1)
+    b = Partial(1.0, {"v": np.zeros(2)}, 1)
+    with pytest.raises(ValueError, match="different gradients"):
+        combine(a, b)
+
+
+def test_row_sparse_combine_sums_duplicates() -> None:
+    a = RowSparse.from_unsorted(np.array([3, 1, 3]), np.ones((3, 2)), (5, 2))
+    b = RowSparse.from_unsorted(np.array([1, 4]), np.full((2, 2), 2.0), (5, 2))
+    total = (a + b).to_dense()
+    expected = np.zeros((5, 2))
+    expected[3] = 2
+    expected[1] = 3
+    expected[4] = 2
+    np.testing.assert_array_equal(total, expected)
+
+
+def rows_of(chunk: int) -> int:
+    return 100 if chunk != 9 else 37
+
+
+def test_full_batch_plan_is_one_step_of_whole_chunks() -> None:
+    steps = epoch_steps(range(10), rows_of, batch_rows=None, seed=0, epoch=0)
+    assert steps == [full_pass(range(10), rows_of)]
+
+
+@pytest.mark.parametrize("batch_rows", [1, 7, 30, 99, 100, 150, 250, 10_000])
+def test_minibatch_plan_covers_every_row_once(batch_rows: int) -> None:
+    chunks = [0, 2, 3, 5, 9]
+    steps = epoch_steps(chunks, rows_of, batch_rows=batch_rows, seed=4, epoch=2)
+    seen: Counter[tuple[int, int]] = Counter()
+    for step in steps:
+        assert step, "empty step"
+        for p in step:
+            n = rows_of(p.chunk_id)
+            order = (
+                row_permutation(*p.shuffle, p.chunk_id, n)
+                if p.shuffle is not None
+                else np.arange(n)
+            )
+            seen.update((p.chunk_id, int(r)) for r in order[p.start : p.stop])
+    assert set(seen.values()) == {1}
+    assert sum(rows_of(c) for c in chunks) == len(seen)
+    if batch_rows < 100:
+        assert max(sum(p.n_rows for p in s) for s in steps) <= batch_rows
+
+
+def test_minibatch_plan_is_seeded_per_epoch() -> None:
+    a = epoch_steps(range(8), rows_of, batch_rows=50, seed=1, epoch=0)
+    b = epoch_steps(range(8), rows_of, batch_rows=50, seed=1, epoch=0)
+    c = epoch_steps(range(8), rows_of, batch_rows=50, seed=1, epoch=1)
+    assert a == b
+    assert a != c
+
+
+def test_bad_batch_rows() -> None:
+    with pytest.raises(ValueError, match="batch_rows"):
+        epoch_steps(range(3), rows_of, batch_rows=0, seed=0, epoch=0)
+
+
+@pytest.mark.parametrize("n_chunks", [1, 5, 31, 300, 2000])
+@pytest.mark.parametrize("n_workers", [1, 2, 3, 7])
+def test_placement_is_balanced_and_stable(n_chunks: int, n_workers: int) -> None:
+    workers = [f"w{i}" for i in range(n_workers)]
+    owners = chunk_owners("store", list(range(n_chunks)), workers)
+    load = Counter(owners.values())
+    assert set(load) <= set(workers)
+    # Balanced to within one placement group.
+    group = max(1, n_chunks // 128)
+    assert max(load.values()) - min(load.get(w, 0) for w in workers) <= 2 * group
+    assert owners == chunk_owners(
+        "store", list(range(n_chunks)), list(reversed(workers))
+    )
+
+
+def test_losing_a_worker_moves_little() -> None:
+    chunks = list(range(64))
+    before = chunk_owners("s", chunks, ["a", "b", "c", "d"])
+    after = chunk_owners("s", chunks, ["a", "b", "c"])
+    moved = sum(before[c] != after[c] for c in chunks)
+    assert moved <= 16 + 8, f"{moved} of 64 chunks moved when 1 of 4 workers left"
+
+
+def test_assign_pieces_follows_owners() -> None:
+    pieces = [Piece(c, 0, 10) for c in (4, 1, 7)]
+    out = assign_pieces(pieces, {4: "x", 1: "y", 7: "x"}, ["x", "y"])
+    assert out == {"x": [0, 2], "y": [1]}
+    # Unknown owners still get a live worker.
+    out = assign_pieces(pieces, {4: "gone"}, ["x", "y"])
+    assert sorted(itertools.chain.from_iterable(out.values())) == [0, 1, 2]
+    assert set(out) <= {"x", "y"}
+
+
+def test_cache_is_bounded_and_counts() -> None:
+    cache = ChunkCache(budget_bytes=100)
+    assert cache.put("a", 1, 40, group="s")
+    assert cache.put("b", 2, 40, group="s")
+    assert cache.get("a") == 1
+    assert cache.get("zz") is None
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.n_bytes, stats.n_entries) == (1, 1, 80, 2)
+    assert not cache.put("huge", 3, 101, group="s")
+
+
+def test_cache_does_not_thrash_on_cyclic_scans() -> None:
+    """A dataset larger than the budget keeps its first chunks cached instead
+    of evicting every chunk just before its next use."""
+    cache = ChunkCache(budget_bytes=100)
+    for _ in range(3):
+        for c in range(5):
+            if cache.get(("s", c)) is None:
+                cache.put(("s", c), c, 30, group="s")
+    assert cache.stats().hits == 2 * 3  # chunks 0-2 hit in epochs 2 and 3
+    assert cache.stats().n_bytes <= 100
+
+
+def test_cache_evicts_other_stores_least_recent_first() -> None:
+    cache = ChunkCache(budget_bytes=100)
+    cache.put("old1", 1, 40, group="train")
+    cache.put("old2", 2, 40, group="train")
+    cache.get("old1")  # old2 is now the least recently used
+    assert cache.put("val", 3, 40, group="val")
+    assert cache.get("old2") is None and cache.get("old1") == 1
+    assert cache.stats().evictions == 1
