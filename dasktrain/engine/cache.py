@@ -149,8 +149,20 @@ def budget_for(memory_limit: int | None, fraction: float) -> int:
     return int(memory_limit * fraction)
 
 
+#: One cache per worker (keyed by the worker object's id), shared by every
+#: registration of the plugin: a second client registering it (another trainer,
+#: a CLI run) must not empty the cache of a fit already running.
+_WORKER_CACHES: dict[int, ChunkCache] = {}
+_WORKER_CACHES_LOCK = threading.Lock()
+
+
 class CachePlugin(WorkerPlugin):
-    """Gives each worker a :class:`ChunkCache` sized from its memory limit."""
+    """Gives each worker a :class:`ChunkCache` sized from its memory limit.
+
+    Registering the plugin again (from any client) keeps the worker's cached
+    chunks; only the budget follows the newest registration (shrinking it
+    evicts on the next insert).
+    """
 
     name = PLUGIN_NAME
 
@@ -162,16 +174,19 @@ class CachePlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
-        self.cache = ChunkCache(budget_for(limit, self.fraction))
-        logger.debug(
-            "worker %s: chunk cache of %d bytes",
-            worker.address,
-            self.cache.budget_bytes,
-        )
+        budget = budget_for(limit, self.fraction)
+        with _WORKER_CACHES_LOCK:
+            cache = _WORKER_CACHES.get(id(worker))
+            if cache is None:
+                cache = _WORKER_CACHES[id(worker)] = ChunkCache(budget)
+            else:
+                cache.budget_bytes = budget
+        self.cache = cache
+        logger.debug("worker %s: chunk cache of %d bytes", worker.address, budget)
 
     def teardown(self, worker: Any) -> None:
-        if self.cache is not None:
-            self.cache.clear()
+        # Replaced by a new registration: the cache stays with the worker.
+        self.cache = None
 
 
 _FALLBACK: ChunkCache | None = None
