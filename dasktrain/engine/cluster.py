@@ -45,6 +45,11 @@ class ClientHandle:
 
 
 def _start_local_cluster(n_workers: int | None = None) -> ClientHandle:
+    # The dashboard page must be registered before the scheduler's HTTP server
+    # starts (the one place below the package face that imports monitor).
+    from dasktrain.monitor.dashboard import register as register_dashboard_page
+
+    register_dashboard_page()
     n = n_workers or max(1, os.cpu_count() or 1)
     cluster = LocalCluster(
         n_workers=n,

@@ -1,0 +1,1 @@
+"""Monitoring: the Dask dashboard page (:mod:`dasktrain.monitor.dashboard`)."""

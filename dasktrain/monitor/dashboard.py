@@ -1,0 +1,449 @@
+"""A live "dasktrain" page on the Dask dashboard.
+
+The trainer logs one event per optimizer step to the scheduler's event log
+under the topic ``"dasktrain"`` (``{"store": path, **history_row}``).  This
+module turns those events into a Bokeh page served by the scheduler at
+``/individual-dasktrain``: loss and validation loss per step (one line per
+run), rows per second, step time and worker cache hit rate, under a header
+naming the current run.
+
+Importing this module registers the page with
+``distributed.dashboard.scheduler.applications``.  The scheduler builds its
+dashboard from that table when its HTTP server starts, so the import must
+happen *before* the scheduler starts:
+
+- an in-process ``LocalCluster``: import this module, then create the cluster;
+- a scheduler started from the command line:
+  ``dask scheduler --preload dasktrain.dashboard``.
+
+The page is then served, listed in ``/individual-plots.json`` (the buttons of
+the JupyterLab Dask extension) and in the dashboard's "More..." menu.
+
+Examples
+--------
+>>> from dasktrain.monitor.dashboard import APP_PATH, dashboard_data
+>>> APP_PATH
+'/individual-dasktrain'
+>>> data = dashboard_data([(0.0, {"store": "runs/a.zarr", "step": 1, "loss": 0.7})])
+>>> data.current["step"], data.sources["loss"]["ys"]
+(1, [[0.7]])
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dasktrain.trainer import EVENT_TOPIC
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "APP_PATH",
+    "EVENT_TOPIC",
+    "DashboardData",
+    "RunSeries",
+    "dashboard_data",
+    "dasktrain_doc",
+    "header_html",
+    "register",
+]
+
+#: Where the scheduler serves the page.  The ``individual-`` prefix is what
+#: lists it in ``/individual-plots.json`` and the "More..." menu.
+APP_PATH = "/individual-dasktrain"
+#: How often an open page re-reads the scheduler's event log.
+UPDATE_INTERVAL_MS = 500
+#: Lines drawn at most: the runs with the most recent events.
+MAX_RUNS = 10
+#: One colour per run, assigned in order of first appearance.
+RUN_COLORS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+#: Per-step fields of the trainer's history rows drawn as one line per run.
+STEP_METRICS = ("loss", "rows_per_s", "seconds", "cache_hit_rate")
+WAITING_TEXT = (
+    "<b>dasktrain</b>: waiting for a fit. No <code>dasktrain</code> events on "
+    "this scheduler yet; a <code>Trainer.fit</code> with a client connected to "
+    "this scheduler logs one per step."
+)
+
+
+# --------------------------------------------------------------------------
+# Events -> column data (pure Python: no Bokeh, no scheduler)
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class RunSeries:
+    """The per-step metrics of one run, in event order.
+
+    A run is a stretch of events with the same ``store`` and increasing
+    steps; a store whose step goes back (a rerun from scratch, or steps
+    redone after a crash) starts a new run.
+    """
+
+    store: str
+    label: str
+    color: str
+    last_time: float = 0.0
+    steps: list[int] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(
+        default_factory=lambda: {name: [] for name in STEP_METRICS}
+    )
+    val_steps: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    last: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DashboardData:
+    """What the page shows, computed from the event log.
+
+    Attributes
+    ----------
+    runs : list of RunSeries
+        The runs drawn (at most :data:`MAX_RUNS`, oldest first).
+    sources : dict
+        Column data of the page's Bokeh data sources, by source name:
+        ``"loss"``, ``"val_loss"``, ``"rows_per_s"``, ``"seconds"``,
+        ``"cache_hit_rate"`` (multi-line columns ``xs``, ``ys``, ``color``,
+        ``label``, ``store``) and ``"val_points"`` (flat columns ``step``,
+        ``val_loss``, ``color``, ``label``, ``store``).
+    current : dict or None
+        The last event (the current run's latest row), ``None`` before any.
+    n_events : int
+        Number of events read.
+    """
+
+    runs: list[RunSeries]
+    sources: dict[str, dict[str, list[Any]]]
+    current: dict[str, Any] | None
+    n_events: int
+
+
+def _number(value: Any) -> float:
+    """A float for plotting; NaN for anything missing or non-numeric."""
+    if value is None or isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _short_name(store: str) -> str:
+    name = os.path.basename(store.rstrip("/")) or store
+    return name or "?"
+
+
+def _runs_from_events(
+    events: Iterable[tuple[float, Any]],
+) -> tuple[list[RunSeries], int]:
+    runs: list[RunSeries] = []
+    open_runs: dict[str, RunSeries] = {}
+    runs_per_store: dict[str, int] = {}
+    n_events = 0
+    for timestamp, msg in events:
+        if not isinstance(msg, Mapping) or "step" not in msg:
+            continue
+        try:
+            step = int(msg["step"])
+        except (TypeError, ValueError):
+            continue
+        n_events += 1
+        store = str(msg.get("store", "?"))
+        run = open_runs.get(store)
+        if run is None or (run.steps and step <= run.steps[-1]):
+            k = runs_per_store.get(store, 0) + 1
+            runs_per_store[store] = k
+            label = _short_name(store) + (f" (run {k})" if k > 1 else "")
+            run = RunSeries(
+                store=store, label=label, color=RUN_COLORS[len(runs) % len(RUN_COLORS)]
+            )
+            runs.append(run)
+            open_runs[store] = run
+        run.last_time = _number(timestamp)
+        run.steps.append(step)
+        for name in STEP_METRICS:
+            run.metrics[name].append(_number(msg.get(name)))
+        if "val_loss" in msg:
+            run.val_steps.append(step)
+            run.val_loss.append(_number(msg["val_loss"]))
+        run.last = dict(msg)
+    return runs, n_events
+
+
+def dashboard_data(events: Iterable[tuple[float, Any]]) -> DashboardData:
+    """Turn ``"dasktrain"`` events into the page's column data.
+
+    Parameters
+    ----------
+    events : iterable of (timestamp, message)
+        Events of the ``"dasktrain"`` topic, oldest first, as returned by
+        ``Scheduler.get_events("dasktrain")`` or
+        ``Client.get_events("dasktrain")``.  Messages without a ``step`` are
+        ignored; missing or non-numeric metrics become NaN (a gap).
+
+    Returns
+    -------
+    DashboardData
+
+    Examples
+    --------
+    >>> events = [
+    ...     (1.0, {"store": "a.zarr", "step": 1, "loss": 0.9}),
+    ...     (2.0, {"store": "a.zarr", "step": 2, "loss": 0.5, "val_loss": 0.6}),
+    ... ]
+    >>> d = dashboard_data(events)
+    >>> d.sources["loss"]["xs"], d.sources["val_points"]["val_loss"]
+    ([[1, 2]], [0.6])
+    """
+    runs, n_events = _runs_from_events(events)
+    recent = {id(r) for r in sorted(runs, key=lambda r: r.last_time)[-MAX_RUNS:]}
+    shown = [r for r in runs if id(r) in recent]
+
+    def multi_line(xs: list[list[int]], ys: list[list[float]]) -> dict[str, list[Any]]:
+        return {
+            "xs": xs,
+            "ys": ys,
+            "color": [r.color for r in shown],
+            "label": [r.label for r in shown],
+            "store": [r.store for r in shown],
+        }
+
+    sources = {
+        name: multi_line([r.steps for r in shown], [r.metrics[name] for r in shown])
+        for name in STEP_METRICS
+    }
+    sources["val_loss"] = multi_line(
+        [r.val_steps for r in shown], [r.val_loss for r in shown]
+    )
+    sources["val_points"] = {
+        "step": [s for r in shown for s in r.val_steps],
+        "val_loss": [v for r in shown for v in r.val_loss],
+        "color": [r.color for r in shown for _ in r.val_steps],
+        "label": [r.label for r in shown for _ in r.val_steps],
+        "store": [r.store for r in shown for _ in r.val_steps],
+    }
+    current = None
+    if runs:
+        latest = max(runs, key=lambda r: r.last_time)
+        current = {**latest.last, "store": latest.store, "label": latest.label}
+        if latest.val_loss:
+            current.setdefault("val_loss", latest.val_loss[-1])
+    return DashboardData(
+        runs=shown, sources=sources, current=current, n_events=n_events
+    )
+
+
+def _format(value: Any, spec: str) -> str:
+    x = _number(value)
+    return "n/a" if math.isnan(x) else format(x, spec)
+
+
+def header_html(current: Mapping[str, Any] | None) -> str:
+    """The page's header: the current run's store, step, epoch and metrics."""
+    if current is None:
+        return WAITING_TEXT
+    parts = [
+        f"<b>dasktrain</b> run <code>{html.escape(str(current['store']))}</code>",
+        f"step <b>{html.escape(str(current.get('step', '?')))}</b>",
+        f"epoch <b>{html.escape(str(current.get('epoch', '?')))}</b>",
+        f"loss {_format(current.get('loss'), '.6g')}",
+    ]
+    if "val_loss" in current:
+        parts.append(f"val_loss {_format(current['val_loss'], '.6g')}")
+    parts += [
+        f"{_format(current.get('rows_per_s'), ',.0f')} rows/s",
+        f"step time {_format(current.get('seconds'), '.3f')} s",
+        f"cache hits {_format(current.get('cache_hit_rate'), '.0%')}",
+    ]
+    return " &middot; ".join(parts)
+
+
+# --------------------------------------------------------------------------
+# The Bokeh document
+# --------------------------------------------------------------------------
+
+
+class _Page:
+    """The page's models, and their update from the scheduler's event log."""
+
+    def __init__(self, scheduler: Any) -> None:
+        from bokeh.layouts import column, gridplot
+        from bokeh.models import ColumnDataSource, HoverTool, NumeralTickFormatter
+        from bokeh.models.widgets import Div
+        from bokeh.plotting import figure
+
+        self.scheduler = scheduler
+        self._token: tuple[int, float] | None = None
+        empty = dashboard_data(())
+        self.sources = {
+            name: ColumnDataSource(data=data, name=f"dasktrain-{name}")
+            for name, data in empty.sources.items()
+        }
+        self.header = Div(
+            text=WAITING_TEXT,
+            name="dasktrain-header",
+            sizing_mode="stretch_width",
+            styles={"font-size": "13px", "padding": "4px 8px"},
+        )
+        tools = "pan,wheel_zoom,box_zoom,reset,save"
+
+        def new_figure(title: str, y_label: str, **kwargs: Any) -> Any:
+            fig = figure(
+                title=title,
+                x_axis_label="step",
+                y_axis_label=y_label,
+                tools=tools,
+                toolbar_location="above",
+                sizing_mode="stretch_both",
+                min_height=180,
+                min_width=240,
+                **kwargs,
+            )
+            fig.add_tools(
+                HoverTool(
+                    tooltips=[("run", "@store"), ("step", "$x{0}"), (y_label, "$y")],
+                    line_policy="nearest",
+                )
+            )
+            return fig
+
+        loss = new_figure("Loss per step (dashed: validation)", "loss")
+        loss.multi_line(
+            xs="xs",
+            ys="ys",
+            line_color="color",
+            line_width=2,
+            source=self.sources["loss"],
+            legend_field="label",
+        )
+        loss.multi_line(
+            xs="xs",
+            ys="ys",
+            line_color="color",
+            line_width=2,
+            line_dash="dashed",
+            source=self.sources["val_loss"],
+        )
+        loss.scatter(
+            x="step",
+            y="val_loss",
+            color="color",
+            size=7,
+            source=self.sources["val_points"],
+            legend_label="val_loss",
+        )
+        self.legend = loss.legend[0]
+        self.legend.visible = False  # shown with the first run
+        loss.legend.location = "top_right"
+        loss.legend.background_fill_alpha = 0.6
+        loss.legend.label_text_font_size = "9pt"
+
+        shared = {"x_range": loss.x_range}
+        rows = new_figure("Throughput", "rows/s", **shared)
+        rows.yaxis.formatter = NumeralTickFormatter(format="0.[0]a")
+        seconds = new_figure("Step time", "seconds", **shared)
+        hits = new_figure("Worker cache hit rate", "hit rate", **shared)
+        hits.y_range.start = 0.0
+        hits.y_range.end = 1.05
+        for fig, name in (
+            (rows, "rows_per_s"),
+            (seconds, "seconds"),
+            (hits, "cache_hit_rate"),
+        ):
+            fig.multi_line(
+                xs="xs",
+                ys="ys",
+                line_color="color",
+                line_width=2,
+                source=self.sources[name],
+            )
+        grid = gridplot(
+            [[loss, rows], [seconds, hits]],
+            sizing_mode="stretch_both",
+            toolbar_location="right",
+        )
+        self.root = column(self.header, grid, sizing_mode="stretch_both")
+
+    def update(self) -> None:
+        """Re-read the event log; push new column data if it changed.
+
+        Runs on the scheduler's event loop (Bokeh periodic callback), so it
+        reads the scheduler's state without locks; the event log holds at
+        most 1,000 events per topic, so a full rebuild stays cheap.
+        """
+        events = self.scheduler.get_events(EVENT_TOPIC)
+        token = (len(events), events[-1][0] if events else 0.0)
+        if token == self._token:
+            return
+        self._token = token
+        data = dashboard_data(events)
+        for name, columns in data.sources.items():
+            self.sources[name].data = columns
+        self.header.text = header_html(data.current)
+        self.legend.visible = bool(data.runs)
+
+
+def dasktrain_doc(scheduler: Any, extra: Mapping[str, Any], doc: Any) -> None:
+    """Build the page in a Bokeh document (called by the scheduler's dashboard).
+
+    Parameters
+    ----------
+    scheduler : distributed.Scheduler
+        The scheduler whose ``"dasktrain"`` events are shown.
+    extra : dict
+        Template variables from the dashboard (unused: individual pages have
+        no navigation bar).
+    doc : bokeh.document.Document
+        The document of one browser session.
+    """
+    page = _Page(scheduler)
+    page.update()
+    doc.add_root(page.root)
+    doc.add_periodic_callback(page.update, UPDATE_INTERVAL_MS)
+    doc.title = "Dask: dasktrain"
+    try:
+        from distributed.dashboard.components.scheduler import BOKEH_THEME
+
+        doc.theme = BOKEH_THEME
+    except ImportError:  # the page still works with Bokeh's default theme
+        pass
+
+
+def register() -> bool:
+    """Add the page to the scheduler dashboard's applications (idempotent).
+
+    Only schedulers whose HTTP server starts after this call serve the page.
+
+    Returns
+    -------
+    bool
+        ``False`` if the Dask dashboard cannot be imported (no suitable Bokeh).
+    """
+    try:
+        from distributed.dashboard import scheduler as dashboard_scheduler
+    except ImportError:
+        logger.info("the Dask dashboard is unavailable: no dasktrain page")
+        return False
+    dashboard_scheduler.applications[APP_PATH] = dasktrain_doc
+    return True
+
+
+register()
