@@ -87,6 +87,9 @@ _INTERVAL_RTOL = 1e-12
 
 #: line search outcomes
 WOLFE = "wolfe"  # strong Wolfe conditions hold at the accepted step
+#: Default relative-decrease tolerance of :class:`LBFGS` (as scipy's
+#: L-BFGS-B ``factr=1e7`` times float64 epsilon).
+DEFAULT_FTOL = 2.2e-9
 ARMIJO = "armijo"  # steps exhausted: best step with sufficient decrease
 FAILED = "failed"  # no trial decreased the objective enough
 
@@ -362,7 +365,11 @@ class WolfeLineSearch:
 
     # -- the machine ----------------------------------------------------------
     def _sufficient_decrease(self, trial: _Trial) -> bool:
-        return trial.f <= self._f0 + self._c1 * trial.alpha * self._d0
+        # Strictly lower, too: at the precision limit the Armijo term rounds
+        # away and ``f == f0`` would pass, accepting steps that do nothing.
+        return trial.f < self._f0 and (
+            trial.f <= self._f0 + self._c1 * trial.alpha * self._d0
+        )
 
     def _curvature(self, trial: _Trial) -> bool:
         return abs(trial.gdotp) <= -self._c2 * self._d0
@@ -483,8 +490,10 @@ class LBFGS(Optimizer):
     Convergence (:meth:`converged`):
     :math:`\lVert g_k \rVert_\infty \le \mathrm{tol} \cdot \max(1, |f_k|)`,
     that is an absolute gradient tolerance for losses of order one and a
-    relative one for large losses.  A driver also stops when no step
-    decreases the objective along the steepest-descent direction (the
+    relative one for large losses.  A driver also stops when an iteration
+    decreases the objective by at most ``ftol`` relative to it
+    (:meth:`stalled`; float32 data reach this before the gradient test), when
+    no step decreases the objective along the steepest-descent direction (the
     precision limit), or after its iteration budget.
 
     It has no per-step :meth:`update`: the trainer drives it with full passes
@@ -500,6 +509,8 @@ class LBFGS(Optimizer):
         Gradient tolerance, ``>= 0``.
     max_line_search : int
         Maximum evaluations per line search, ``>= 1``.
+    ftol : float
+        Relative decrease below which an iteration counts as stalled, ``>= 0``.
     c1, c2 : float
         Wolfe constants, ``0 < c1 < c2 < 1``.
 
@@ -524,11 +535,13 @@ class LBFGS(Optimizer):
         history: int = 10,
         tol: float = 1e-6,
         max_line_search: int = 20,
+        ftol: float = DEFAULT_FTOL,
         c1: float = 1e-4,
         c2: float = 0.9,
     ) -> None:
         self.history = _check_int("history", history, minimum=1)
         self.tol = _check_nonnegative("tol", tol)
+        self.ftol = _check_nonnegative("ftol", ftol)
         self.max_line_search = _check_int("max_line_search", max_line_search, minimum=1)
         self.c1, self.c2 = _check_wolfe_constants(c1, c2)
 
@@ -539,6 +552,7 @@ class LBFGS(Optimizer):
             "history": self.history,
             "tol": self.tol,
             "max_line_search": self.max_line_search,
+            "ftol": self.ftol,
             "c1": self.c1,
             "c2": self.c2,
         }
@@ -660,6 +674,12 @@ class LBFGS(Optimizer):
             return True
         return float(np.max(np.abs(g))) <= self.tol * max(1.0, abs(float(f)))
 
+    def stalled(self, f_prev: float, f: float) -> bool:
+        """``f_prev - f <= ftol * max(|f_prev|, |f|, 1)``: the last iteration
+        made no meaningful progress."""
+        scale = max(abs(float(f_prev)), abs(float(f)), 1.0)
+        return float(f_prev) - float(f) <= self.ftol * scale
+
     def update(
         self,
         grads: Mapping[str, np.ndarray],
@@ -780,6 +800,7 @@ def minimize_lbfgs(
             continue
         x_new, f_new, g_new = trials[result.trial_index]
         current = optimizer.push(current, x_new - x, g_new - g)
+        stalled = optimizer.stalled(f, f_new)
         x, f, g = x_new, f_new, g_new
         n_iter += 1
         logger.debug(
@@ -793,6 +814,9 @@ def minimize_lbfgs(
         if callback is not None and callback(
             IterationInfo(n_iter, n_evals, x.copy(), f, g.copy(), current)
         ):
+            break
+        if stalled:
+            logger.debug("L-BFGS: relative decrease below ftol; stopping at f=%r", f)
             break
     logger.info("L-BFGS: f=%r after %d iterations, %d evaluations", f, n_iter, n_evals)
     return MinimizeResult(x, f, n_evals, n_iter)

@@ -679,3 +679,32 @@ def test_line_search_protocol_errors() -> None:
     assert ls.done
     with pytest.raises(RuntimeError, match="done"):
         ls.next_alpha()
+
+
+def test_lbfgs_stops_at_the_float32_precision_limit() -> None:
+    """On float32 arithmetic the objective stops changing long before the
+    gradient test passes; the driver must stop instead of spending its budget
+    on steps that change nothing."""
+    from dasktrain.optim import LBFGS, minimize_lbfgs
+
+    A = np.random.default_rng(0).normal(size=(200, 5)).astype(np.float32)
+
+    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+        r = A @ x.astype(np.float32) - np.float32(1)
+        return float(0.5 * np.mean(r * r)), (A.T @ r / np.float32(200)).astype(
+            np.float64
+        )
+
+    res = minimize_lbfgs(fun, np.zeros(5), optimizer=LBFGS(tol=1e-12), max_iter=40)
+    assert res.n_iter < 10, res
+    assert res.n_evals < 60, res
+
+
+def test_line_search_never_accepts_a_step_without_decrease() -> None:
+    from dasktrain.optim.lbfgs import WolfeLineSearch
+
+    ls = WolfeLineSearch(1.0, -1e-20, 1.0, c1=1e-4, c2=0.9, max_steps=3)
+    while not ls.done:
+        alpha = ls.next_alpha()
+        ls.observe(alpha, 1.0, -1e-20)  # flat: f == f0 at every step
+    assert not ls.result.accepted
