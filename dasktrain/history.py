@@ -38,6 +38,11 @@ class History:
     the step).  Rows at the end of an epoch with validation data also hold
     ``val_loss`` and the model's other validation metrics (``val_accuracy``...).
 
+    With :class:`~dasktrain.optim.LBFGS` a row is an accepted iteration (one
+    epoch): ``loss``, ``objective`` and ``grad_norm`` are those of the accepted
+    point, ``learning_rate`` is the line search's step length, ``evals`` the
+    number of full passes it took and ``rows`` the rows they read.
+
     Examples
     --------
     >>> h = History([{"step": 1, "epoch": 1, "loss": 0.69}])

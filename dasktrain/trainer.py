@@ -11,9 +11,11 @@ committed state, so a resumed run reproduces an uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -29,7 +31,13 @@ from dasktrain.engine.cache import DEFAULT_CACHE_FRACTION
 from dasktrain.engine.cluster import ClientHandle, get_client
 from dasktrain.engine.engine import Engine, PassResult
 from dasktrain.engine.plan import epoch_steps, full_pass
-from dasktrain.errors import ConfigMismatchError, DivergenceError, StoreError
+from dasktrain.engine.tasks import NONFINITE_POLICIES
+from dasktrain.errors import (
+    ConfigMismatchError,
+    DataValidationError,
+    DivergenceError,
+    StoreError,
+)
 from dasktrain.history import History
 from dasktrain.models.base import Model, model_from_config
 from dasktrain.optim import LBFGS, Optimizer, apply_updates, optimizer_from_config
@@ -371,74 +379,138 @@ class Trainer:
             All steps of the run (including earlier sessions').
         """
         self._check_fit_args(data, epochs, batch_rows, validation, checkpoint_every)
+        _check_nonfinite_policy(on_nonfinite)
         self.model.check_schema(data.schema)
         if validation is not None:
             self.model.check_schema(validation.schema)
+            self._check_validation_fields(data, validation)
         all_callbacks: list[Callback] = list(callbacks)
         if early_stopping is not None:
             all_callbacks.append(early_stopping)
 
+        created = not ParamStore.exists(self.store_path)
+        if created:
+            self._run = None
         ps = self._open_for_fit(data)
         with ps.lock(owner=f"Trainer.fit pid {os.getpid()}"):
-            ps.cleanup()
-            run = self._start_run(ps, data)
-            self._run = run
-            self._check_resumable(run, data, batch_rows)
-            for cb in all_callbacks:
-                saved = run.callbacks.get(type(cb).__name__)
-                if saved is not None:
-                    cb.load_state_dict(saved)
-            if run.epoch >= epochs or run.status in ("converged", "stopped"):
-                logger.info(
-                    "store %s already has %d epochs (status %s); nothing to do",
-                    self.store_path,
-                    run.epoch,
-                    run.status,
-                )
-                return run.history
-            run.batch_rows = batch_rows
-            run.dataset = _dataset_meta(data)
-            if progress:
-                steps_per_epoch = self._steps_per_epoch(data, batch_rows)
-                all_callbacks.insert(
-                    0,
-                    ProgressBar(
-                        total_steps=steps_per_epoch * epochs,
-                        initial=min(run.step, steps_per_epoch * epochs),
-                    ),
-                )
-            self.stop_training = False
-            for cb in all_callbacks:
-                cb.on_fit_begin(self)
             try:
-                if isinstance(self.optimizer, LBFGS):
-                    self._fit_lbfgs(
-                        ps,
-                        run,
-                        data,
-                        epochs,
-                        validation,
-                        all_callbacks,
-                        checkpoint_every,
-                        checkpoint_seconds,
-                        on_nonfinite,
-                    )
-                else:
-                    self._fit_steps(
-                        ps,
-                        run,
-                        data,
-                        epochs,
-                        batch_rows,
-                        validation,
-                        all_callbacks,
-                        checkpoint_every,
-                        checkpoint_seconds,
-                        on_nonfinite,
-                    )
+                return self._fit_locked(
+                    ps,
+                    data,
+                    epochs,
+                    batch_rows,
+                    validation,
+                    all_callbacks,
+                    checkpoint_every,
+                    checkpoint_seconds,
+                    on_nonfinite,
+                    progress,
+                )
+            except BaseException:
+                if created and (self._run is None or self._run.step == 0):
+                    # The store is this call's and holds no step: the failure
+                    # (bad labels, NaN in the first chunks, Ctrl-C...) came
+                    # before any progress, so leave nothing behind.
+                    self._discard_new_store(ps)
+                raise
             finally:
-                for cb in all_callbacks:
-                    cb.on_fit_end(self, run.history)
+                if created and not ParamStore.exists(self.store_path):
+                    self._run = None
+
+    def _discard_new_store(self, ps: ParamStore) -> None:
+        """Delete the contents of a store created by the failing fit (the
+        caller holds its lock; the emptied directory goes with the lock)."""
+        root = os.path.abspath(ps.path)
+        for name in os.listdir(root):
+            if "dasktrain-lock" in name:
+                continue
+            full = os.path.join(root, name)
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(full)
+        ps.release()
+        with contextlib.suppress(OSError):
+            os.rmdir(root)
+        logger.info("removed %s: the fit that created it failed", self.store_path)
+
+    def _fit_locked(
+        self,
+        ps: ParamStore,
+        data: Dataset,
+        epochs: int,
+        batch_rows: int | None,
+        validation: Dataset | None,
+        all_callbacks: list[Callback],
+        checkpoint_every: int | None,
+        checkpoint_seconds: float,
+        on_nonfinite: str,
+        progress: bool,
+    ) -> History:
+        """The body of :meth:`fit`, run while holding the store's lock."""
+        ps.cleanup()
+        run = self._start_run(ps, data)
+        self._run = run
+        self._check_resumable(run, data, batch_rows)
+        for cb in all_callbacks:
+            saved = run.callbacks.get(type(cb).__name__)
+            if saved is not None:
+                cb.load_state_dict(saved)
+        if run.epoch >= epochs or run.status in ("converged", "stopped"):
+            logger.info(
+                "store %s already has %d epochs (status %s); nothing to do",
+                self.store_path,
+                run.epoch,
+                run.status,
+            )
+            return run.history
+        run.batch_rows = batch_rows
+        run.dataset = _dataset_meta(data)
+        # A finished run continued to more epochs is running again (its status
+        # decides when versions are committed).
+        run.status = "running"
+        if progress:
+            steps_per_epoch = self._steps_per_epoch(data, batch_rows)
+            all_callbacks.insert(
+                0,
+                ProgressBar(
+                    total_steps=steps_per_epoch * epochs,
+                    initial=min(run.step, steps_per_epoch * epochs),
+                ),
+            )
+        self.stop_training = False
+        for cb in all_callbacks:
+            cb.on_fit_begin(self)
+        try:
+            if isinstance(self.optimizer, LBFGS):
+                self._fit_lbfgs(
+                    ps,
+                    run,
+                    data,
+                    epochs,
+                    validation,
+                    all_callbacks,
+                    checkpoint_every,
+                    checkpoint_seconds,
+                    on_nonfinite,
+                )
+            else:
+                self._fit_steps(
+                    ps,
+                    run,
+                    data,
+                    epochs,
+                    batch_rows,
+                    validation,
+                    all_callbacks,
+                    checkpoint_every,
+                    checkpoint_seconds,
+                    on_nonfinite,
+                )
+        finally:
+            for cb in all_callbacks:
+                cb.on_fit_end(self, run.history)
         return run.history
 
     def _check_fit_args(
@@ -483,6 +555,17 @@ class Trainer:
             raise ValueError(
                 f"checkpoint_every must be a positive integer, got {checkpoint_every!r}"
             )
+
+    def _check_validation_fields(self, data: Dataset, validation: Dataset) -> None:
+        for name in self.model.fields:
+            ours = data.schema.fields.get(name)
+            theirs = validation.schema.fields.get(name)
+            if ours is not None and theirs is not None and ours.shape != theirs.shape:
+                raise DataValidationError(
+                    f"validation dataset {validation.path!r} has field {name!r} with "
+                    f"row shape {theirs.shape}, training dataset {data.path!r} has "
+                    f"{ours.shape}"
+                )
 
     def _check_resumable(
         self, run: _Run, data: Dataset, batch_rows: int | None
@@ -544,13 +627,15 @@ class Trainer:
         n = partial.n_rows
         if n == 0:
             raise DivergenceError(f"step {step}: the batch has no rows (all skipped?)")
-        loss = partial.loss_sum / n
-        objective = loss + self.model.penalty(dict(params))
-        pgrad = self.model.penalty_grad(dict(params))
-        grads = {
-            k: np.asarray(g, dtype=np.float64) / n + pgrad[k]
-            for k, g in partial.grads.items()
-        }
+        # Non-finite values are checked below (no floating-point warnings).
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss = partial.loss_sum / n
+            objective = loss + self.model.penalty(dict(params))
+            pgrad = self.model.penalty_grad(dict(params))
+            grads = {
+                k: np.asarray(g, dtype=np.float64) / n + pgrad[k]
+                for k, g in partial.grads.items()
+            }
         bad = [k for k, g in grads.items() if not np.all(np.isfinite(g))]
         if not math.isfinite(objective) or bad:
             what = (
@@ -564,13 +649,12 @@ class Trainer:
             )
         return loss, objective, grads
 
-    def _log_row(
-        self, run: _Run, row: dict[str, Any], callbacks: Sequence[Callback]
-    ) -> None:
-        run.history.append(row)
+    def _log_row(self, row: dict[str, Any], callbacks: Sequence[Callback]) -> None:
+        """Report a step already appended to the history: a dashboard event,
+        then the callbacks' ``on_step_end``."""
         try:
             # One small message to the scheduler's event log per step (~1 ms):
-            # feeds the dashboard page; never blocks on the result.
+            # feeds the dashboard page.
             self._handle.client.log_event(
                 EVENT_TOPIC, {"store": self.store_path, **row}
             )
@@ -579,29 +663,39 @@ class Trainer:
         for cb in callbacks:
             cb.on_step_end(self, row)
 
-    def _epoch_end(
+    def _validate(
         self,
-        run: _Run,
         row: dict[str, Any],
+        params: Mapping[str, np.ndarray],
         validation: Dataset | None,
-        callbacks: Sequence[Callback],
         on_nonfinite: str,
     ) -> None:
-        if validation is not None:
-            res = self._pass(
-                validation,
-                run.params,
-                full_pass(validation.chunk_ids, validation.chunk_n_rows),
-                with_grads=False,
-                nonfinite=on_nonfinite,
-            )
-            for k, v in self.model.summarize(res.partial).items():
-                row[f"val_{k}"] = v
-        for cb in callbacks:
-            cb.on_epoch_end(self, row)
-        run.callbacks = {
-            type(cb).__name__: cb.state_dict() for cb in callbacks if cb.state_dict()
-        }
+        """Add ``val_*`` metrics of ``params`` on ``validation`` to ``row``."""
+        if validation is None:
+            return
+        res = self._pass(
+            validation,
+            params,
+            full_pass(validation.chunk_ids, validation.chunk_n_rows),
+            with_grads=False,
+            nonfinite=on_nonfinite,
+        )
+        for k, v in self.model.summarize(res.partial).items():
+            row[f"val_{k}"] = v
+
+    def _epoch_callbacks(
+        self, run: _Run, row: dict[str, Any], callbacks: Sequence[Callback]
+    ) -> None:
+        try:
+            for cb in callbacks:
+                cb.on_epoch_end(self, row)
+        finally:
+            # Saved with the next commit, even if a callback raised.
+            run.callbacks = {
+                type(cb).__name__: cb.state_dict()
+                for cb in callbacks
+                if cb.state_dict()
+            }
 
     def _fit_steps(
         self,
@@ -645,10 +739,11 @@ class Trainer:
                     )
                     grad_norm = global_norm(grads)
                     # Update: optimizer on the client (parameters are small here).
-                    updates, opt_state = self.optimizer.update(
-                        grads, run.opt_state, run.params
-                    )
-                    params = apply_updates(run.params, updates)
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        updates, opt_state = self.optimizer.update(
+                            grads, run.opt_state, run.params
+                        )
+                        params = apply_updates(run.params, updates)
                     if not all(np.all(np.isfinite(v)) for v in params.values()):
                         raise DivergenceError(
                             f"step {run.step + 1}: the update made parameters "
@@ -657,12 +752,9 @@ class Trainer:
                             f"clipping."
                         )
                     lr = self.optimizer.learning_rate_at(run.step)
-                    run.params, run.opt_state = params, opt_state
-                    run.step += 1
-                    run.epoch_step += 1
                     seconds = time.perf_counter() - t0
                     row = {
-                        "step": run.step,
+                        "step": run.step + 1,
                         "epoch": run.epoch + 1,
                         "loss": loss,
                         "objective": objective,
@@ -680,11 +772,26 @@ class Trainer:
                         },
                         "cache_hit_rate": _hit_rate(res),
                     }
-                    if run.epoch_step == len(plan):
+                    end_of_epoch = run.epoch_step + 1 == len(plan)
+                    if end_of_epoch:
+                        # Validate before the run moves on: if this fails, the
+                        # run (and what the store gets) stays at the last step.
+                        self._validate(row, params, validation, on_nonfinite)
+                    # Step: the run advances by one step and gets its history
+                    # row even if a callback raises (a consistent run to
+                    # commit).
+                    run.params, run.opt_state = params, opt_state
+                    run.step += 1
+                    run.epoch_step += 1
+                    if end_of_epoch:
                         run.epoch += 1
                         run.epoch_step = 0
-                        self._epoch_end(run, row, validation, callbacks, on_nonfinite)
-                    self._log_row(run, row, callbacks)
+                    try:
+                        if end_of_epoch:
+                            self._epoch_callbacks(run, row, callbacks)
+                    finally:
+                        run.history.append(row)
+                    self._log_row(row, callbacks)
                     if run.epoch >= epochs:
                         run.status = "finished"
                     elif self.stop_training:
@@ -779,19 +886,15 @@ class Trainer:
                 x_new, loss, f_new, g_new, accepted = trials[result.trial_index]
                 assert accepted is not None
                 res = accepted
-                run.opt_state = opt.push(run.opt_state, x_new - x, g_new - g)
-                x, f, g = x_new, f_new, g_new
-                run.params = unflatten(x, like)
-                run.step += 1
-                run.epoch += 1
+                new_params = unflatten(x_new, like)
                 seconds = time.perf_counter() - t0
                 n_rows = res.partial.n_rows * len(trials)
                 row = {
-                    "step": run.step,
-                    "epoch": run.epoch,
+                    "step": run.step + 1,
+                    "epoch": run.epoch + 1,
                     "loss": loss,
-                    "objective": f,
-                    "grad_norm": float(np.linalg.norm(g)),
+                    "objective": f_new,
+                    "grad_norm": float(np.linalg.norm(g_new)),
                     "learning_rate": float(result.alpha),
                     "rows": n_rows,
                     "rows_per_s": n_rows / seconds if seconds > 0 else math.nan,
@@ -804,9 +907,20 @@ class Trainer:
                     },
                     "cache_hit_rate": _hit_rate(res),
                 }
-                self._epoch_end(run, row, validation, callbacks, on_nonfinite)
-                self._log_row(run, row, callbacks)
-                if opt.converged(f, g):
+                # Validate before the run moves on (see _fit_steps).
+                self._validate(row, new_params, validation, on_nonfinite)
+                run.opt_state = opt.push(run.opt_state, x_new - x, g_new - g)
+                stalled = opt.stalled(f, f_new)
+                x, f, g = x_new, f_new, g_new
+                run.params = new_params
+                run.step += 1
+                run.epoch += 1
+                try:
+                    self._epoch_callbacks(run, row, callbacks)
+                finally:
+                    run.history.append(row)
+                self._log_row(row, callbacks)
+                if opt.converged(f, g) or stalled:
                     run.status = "converged"
                 elif run.epoch >= epochs:
                     run.status = "finished"
@@ -843,6 +957,7 @@ class Trainer:
             raise TypeError(
                 f"evaluate() needs a dasktrain.Dataset, got {type(data).__name__}"
             )
+        _check_nonfinite_policy(on_nonfinite)
         self.model.check_schema(data.schema)
         run = self._current_run()
         self._check_features(data)
@@ -943,6 +1058,13 @@ def _apply_block(
     block: np.ndarray, fn: Any, params: Mapping[str, np.ndarray]
 ) -> np.ndarray:
     return np.asarray(fn(dict(params), block))
+
+
+def _check_nonfinite_policy(on_nonfinite: Any) -> None:
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}"
+        )
 
 
 def _hit_rate(res: PassResult) -> float:

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from distributed import Client
+from distributed import Client, Future, wait
+from distributed.client import FutureCancelledError, FuturesCancelledError
+from distributed.comm.core import CommClosedError
 
 from dasktrain.data.io import DatasetRef
 from dasktrain.engine.cache import DEFAULT_CACHE_FRACTION, CachePlugin
 from dasktrain.engine.plan import Piece, assign_pieces, chunk_owners
-from dasktrain.engine.tasks import TaskReport, compute_leaves
+from dasktrain.engine.tasks import FAILED_LEAF_ATTRIBUTE, TaskReport, compute_leaves
 from dasktrain.models.base import Model
 from dasktrain.partial import Node, Partial, tree_reduce
 
@@ -40,11 +42,28 @@ __all__ = ["Engine", "PassResult", "WorkerInfo"]
 #: Parameters up to this size travel inside the task; larger ones are
 #: scattered once per pass (inlining big arrays into graphs is slow).
 MAX_INLINE_PARAM_BYTES = 1 << 20
+#: How long a pass waits for a worker when the cluster has none (seconds).
+NO_WORKER_TIMEOUT_SECONDS = 60.0
 #: How often the engine re-reads the worker list (seconds).
 WORKER_REFRESH_SECONDS = 2.0
 #: Task retries on exceptions raised by a task (a killed worker is handled by
 #: the scheduler's own rescheduling, not by retries).
 TASK_RETRIES = 0
+
+
+#: Runs of a pass that lost data or a connection to a dying worker.
+PASS_ATTEMPTS = 3
+#: Pause before running such a pass again (times the attempt number), so the
+#: scheduler has noticed the death.
+LOST_WORKER_PAUSE_SECONDS = 0.5
+#: What a dying worker makes a pass raise on the client: a connection closed
+#: under a scatter or gather, or futures cancelled because the only copy of
+#: their scattered input was lost.
+LOST_WORKER_ERRORS: tuple[type[BaseException], ...] = (
+    CommClosedError,
+    FutureCancelledError,
+    FuturesCancelledError,
+)
 
 
 @dataclass(frozen=True)
@@ -122,7 +141,16 @@ class Engine:
             )
             self._workers_at = now
         if not self._workers:
-            raise RuntimeError(f"the Dask cluster of {self.client} has no workers")
+            # Workers may be restarting (a killed worker, a cluster scaling):
+            # wait for one rather than fail the fit.  Sync point.
+            try:
+                self.client.wait_for_workers(1, timeout=NO_WORKER_TIMEOUT_SECONDS)
+            except TimeoutError as exc:
+                raise RuntimeError(
+                    f"the Dask cluster of {self.client} has had no workers for "
+                    f"{NO_WORKER_TIMEOUT_SECONDS:.0f} s"
+                ) from exc
+            return self.workers(refresh=True)
         return self._workers
 
     def _owners_for(self, ref: DatasetRef, chunk_ids: Sequence[int]) -> dict[int, str]:
@@ -150,9 +178,50 @@ class Engine:
 
         ``placement_chunks`` is the dataset view's full chunk list, over which
         chunk owners are balanced (default: the pieces' chunks).
+
+        A worker that dies during the pass costs time, not results: the
+        scheduler reruns its tasks elsewhere, and if it took the only copy of
+        scattered parameters (or a connection) with it, the whole pass is run
+        again, up to :data:`PASS_ATTEMPTS` times.  The tree, hence every bit
+        of the result, stays the same.
         """
         if not pieces:
             raise ValueError("a pass needs at least one piece")
+        for attempt in range(1, PASS_ATTEMPTS + 1):
+            try:
+                return self._run_pass_once(
+                    ref,
+                    model,
+                    params,
+                    pieces,
+                    placement_chunks=placement_chunks,
+                    with_grads=with_grads,
+                    nonfinite=nonfinite,
+                )
+            except LOST_WORKER_ERRORS as exc:
+                if attempt == PASS_ATTEMPTS:
+                    raise
+                logger.warning(
+                    "a pass over %s lost a worker (%s: %s); running it again",
+                    ref.url,
+                    type(exc).__name__,
+                    exc,
+                )
+                time.sleep(LOST_WORKER_PAUSE_SECONDS * attempt)
+                self.workers(refresh=True)
+        raise AssertionError("unreachable")
+
+    def _run_pass_once(
+        self,
+        ref: DatasetRef,
+        model: Model,
+        params: Mapping[str, np.ndarray],
+        pieces: Sequence[Piece],
+        *,
+        placement_chunks: Sequence[int] | None,
+        with_grads: bool,
+        nonfinite: str,
+    ) -> PassResult:
         t0 = time.perf_counter()
         workers = self.workers()
         by_name = {w.name: w for w in workers}
@@ -168,7 +237,11 @@ class Engine:
         param_arg: Any = {k: np.asarray(v) for k, v in params.items()}
         if sum(v.nbytes for v in param_arg.values()) > MAX_INLINE_PARAM_BYTES:
             # Sync point: one upload of the parameters per pass.
-            param_arg = self.client.scatter(param_arg, hash=False)
+            # The dict goes as one value under a fresh key: scattering the dict
+            # itself would use the parameter names as keys, shared by every
+            # pass, so a new pass could meet the previous pass's arrays (or
+            # see them released under it).
+            [param_arg] = self.client.scatter([param_arg], hash=False)
 
         token = uuid.uuid4().hex[:12]
         futures = []
@@ -194,14 +267,40 @@ class Engine:
                 )
         # Sync point: wait for every task of the pass, then gather its small
         # results (one or a few partials per task).
-        results = self.client.gather(futures)
+        try:
+            results = self.client.gather(futures)
+        except Exception:
+            # Sync point (failures only): let the other tasks finish, so the
+            # error reported does not depend on which task failed first.
+            wait(futures)
+            _raise_first_error(futures, n_leaves)
+            raise
         known: dict[Node, Partial] = {}
         reports: list[TaskReport] = []
         for nodes, report in results:
             known.update(nodes)
             reports.append(report)
-        partial = tree_reduce(known, n_leaves)
+        # Partials of a diverging run may hold inf; the trainer checks the
+        # reduced values and raises DivergenceError, so no warnings here.
+        with np.errstate(over="ignore", invalid="ignore"):
+            partial = tree_reduce(known, n_leaves)
         return PassResult(partial, time.perf_counter() - t0, reports)
+
+
+def _raise_first_error(futures: Sequence[Future], n_leaves: int) -> None:
+    """Re-raise the error of the failed task whose failing leaf comes first in
+    tree order (a task stops at its first bad leaf), so a pass with several
+    bad chunks reports the same one on any cluster.  Errors keep their type.
+    """
+    failed = [f for f in futures if f.status == "error"]
+    if not failed:
+        return
+    # Sync point: fetch the exceptions of the failed tasks (small messages).
+    first = min(
+        failed,
+        key=lambda f: getattr(f.exception(), FAILED_LEAF_ATTRIBUTE, n_leaves),
+    )
+    first.result()  # raises the task's exception with its remote traceback
 
 
 def _split(leaves: list[int], n: int) -> list[list[int]]:

@@ -23,9 +23,19 @@ from dasktrain.partial import Node, Partial, covering_nodes, reduce_node
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadedChunk", "TaskReport", "compute_leaves", "load_chunk", "predict_chunk"]
+__all__ = [
+    "FAILED_LEAF_ATTRIBUTE",
+    "NONFINITE_POLICIES",
+    "LoadedChunk",
+    "TaskReport",
+    "compute_leaves",
+    "load_chunk",
+    "predict_chunk",
+]
 
 NONFINITE_POLICIES = ("raise", "skip")
+#: Attribute set on an exception raised for a leaf: the leaf's position.
+FAILED_LEAF_ATTRIBUTE = "dasktrain_leaf"
 
 
 @dataclass(frozen=True)
@@ -104,7 +114,7 @@ def load_chunk(
             valid = mask
     loaded = LoadedChunk(arrays, valid)
     if cache is not None:
-        cache.put(key, loaded, loaded.nbytes)
+        cache.put(key, loaded, loaded.nbytes, group=(ref.url, ref.uuid))
     return loaded, False
 
 
@@ -131,14 +141,26 @@ def _batch(loaded: LoadedChunk, piece: Piece) -> dict[str, np.ndarray]:
 
 
 def _check_labels(
-    model: Model, ref: DatasetRef, chunk_id: int, batch: Mapping[str, np.ndarray]
+    model: Model, ref: DatasetRef, chunk_id: int, loaded: LoadedChunk
 ) -> None:
-    y = batch.get("y")
+    """Raise :class:`LabelError` naming the first row of the chunk whose label
+    does not fit ``model``.
+
+    The whole chunk (less skipped rows) is checked, not the step's rows: a
+    minibatch is a shuffled slice, whose positions are not chunk rows.
+    """
+    y = loaded.arrays.get("y")
     if y is None:
         return
+    kept: np.ndarray | None = None
+    if loaded.valid is not None:
+        kept = np.flatnonzero(loaded.valid)
+        y = y[kept]
     problem = model.check_labels(y)
     if problem is not None:
         row, message = problem
+        if kept is not None:
+            row = int(kept[row])
         start, _ = ref.chunk_bounds(chunk_id)
         raise LabelError(
             f"store {ref.url!r}, array 'y', chunk {chunk_id}: "
@@ -164,19 +186,27 @@ def compute_leaves(
     cast: dict[str, np.ndarray] | None = None
     known: dict[Node, Partial] = {}
     for leaf, piece in leaves:
-        loaded, was_hit = load_chunk(
-            ref, model.fields, piece.chunk_id, nonfinite=nonfinite, cache=cache
-        )
-        hits += was_hit
-        misses += not was_hit
-        batch = _batch(loaded, piece)
-        _check_labels(model, ref, piece.chunk_id, batch)
-        if cast is None:
-            dtype = batch["X"].dtype if "X" in batch else np.dtype(np.float64)
-            cast = {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
-        part = (
-            model.loss_and_grad(cast, batch) if with_grads else model.loss(cast, batch)
-        )
+        try:
+            loaded, was_hit = load_chunk(
+                ref, model.fields, piece.chunk_id, nonfinite=nonfinite, cache=cache
+            )
+            hits += was_hit
+            misses += not was_hit
+            _check_labels(model, ref, piece.chunk_id, loaded)
+            batch = _batch(loaded, piece)
+            if cast is None:
+                dtype = batch["X"].dtype if "X" in batch else np.dtype(np.float64)
+                cast = {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
+            part = (
+                model.loss_and_grad(cast, batch)
+                if with_grads
+                else model.loss(cast, batch)
+            )
+        except Exception as exc:
+            # Tag the error with its leaf: the engine reports the failure of
+            # the first leaf in tree order, whichever task failed first.
+            setattr(exc, FAILED_LEAF_ATTRIBUTE, leaf)
+            raise
         known[(0, leaf)] = part
         n_rows += part.n_rows
     nodes = covering_nodes([leaf for leaf, _ in leaves], n_leaves)
