@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 from distributed import Client, LocalCluster, as_completed
 
 logger = logging.getLogger(__name__)
@@ -18,6 +19,7 @@ __all__ = ["ClientHandle", "get_client", "run_tasks"]
 #: Embedded clusters: one single-threaded worker process per core, so that a
 #: NumPy kernel holds one core and decoding runs in parallel across workers.
 DEFAULT_THREADS_PER_WORKER = 1
+MALLOC_TRIM_VARIABLE = "MALLOC_TRIM_THRESHOLD_"
 
 
 @dataclass
@@ -51,13 +53,25 @@ def _start_local_cluster(n_workers: int | None = None) -> ClientHandle:
 
     register_dashboard_page()
     n = n_workers or max(1, os.cpu_count() or 1)
-    cluster = LocalCluster(
-        n_workers=n,
-        threads_per_worker=DEFAULT_THREADS_PER_WORKER,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-    )
+    # Dask starts workers with MALLOC_TRIM_THRESHOLD_ set, which also fixes
+    # glibc's mmap threshold: every decoded chunk then lands in freshly mapped,
+    # page-faulted memory.  Measured with benchmarks/epoch_throughput.py
+    # (--malloc-trim unset): cold passes 2-3x faster without it.  Our workers'
+    # big allocations are the bounded chunk cache, so we leave glibc's
+    # defaults in place for the clusters we start.
+    environ = {
+        k: v
+        for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()
+        if k != MALLOC_TRIM_VARIABLE
+    }
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=DEFAULT_THREADS_PER_WORKER,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+        )
     client = Client(cluster)
     logger.info("started an embedded LocalCluster: %s", client.dashboard_link)
     handle = ClientHandle(client, cluster)
