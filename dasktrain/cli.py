@@ -135,7 +135,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             f"(ready in {time.perf_counter() - t0:.1f} s)"
         )
         train, val = ds.split(val_fraction=0.1, seed=0)
-        if os.path.exists(args.run):
+        if _path_exists(args.run):
             _remove_run(args.run)
         model = dt.models.LogisticRegression(l2=1e-4)
         optimizer = dt.optim.LBFGS()
@@ -158,7 +158,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             f"  valid: loss {val_metrics['loss']:.5f}  "
             f"accuracy {val_metrics['accuracy']:.4f}"
         )
-        print(f"Parameters stored in {os.path.abspath(args.run)} (step {trainer.step})")
+        print(f"Parameters stored in {_display(args.run)} (step {trainer.step})")
         print(f"  reopen with: dasktrain.Trainer.resume({args.run!r})")
         trainer.close()
     finally:
@@ -171,10 +171,30 @@ def _page_link(dashboard_link: str) -> str:
     return f"{base}/individual-dasktrain"
 
 
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _display(path: str) -> str:
+    """A store argument as shown to the user: URLs as given, local paths
+    absolute."""
+    if _is_url(path):
+        return path
+    return os.path.abspath(path.removeprefix("file://"))
+
+
+def _path_exists(path: str) -> bool:
+    """Whether anything exists at a local path or fsspec URL."""
+    if not _is_url(path):
+        return os.path.exists(path.removeprefix("file://"))
+    import fsspec
+
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    return bool(fs.exists(fs_path))
+
+
 def _remove_run(path: str) -> None:
     """Delete a previous quickstart run (only if it is a parameter store)."""
-    import shutil
-
     from dasktrain.params import ParamStore
 
     if not ParamStore.exists(path):
@@ -182,7 +202,9 @@ def _remove_run(path: str) -> None:
             f"{path!r} exists and is not a dasktrain parameter store; "
             f"pass --run with another path"
         )
-    shutil.rmtree(path)
+    store = ParamStore.open(path)
+    with store.lock(owner="dasktrain quickstart"):
+        store.remove()
 
 
 def cmd_make_data(args: argparse.Namespace) -> int:
@@ -243,6 +265,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 k: {"shape": list(v.shape), "dtype": str(v.dtype)}
                 for k, v in version.params.items()
             }
+            tables = ps.table_layouts()
+            if tables:
+                info["tables"] = {
+                    name: {
+                        "shape": [t.n_rows, t.width],
+                        "dtype": t.dtype,
+                        "shard_rows": t.shard_rows,
+                        "n_shards": t.n_shards,
+                        "optimizer_state": sorted(t.state),
+                    }
+                    for name, t in tables.items()
+                }
         history = meta.get("history", [])
         info["history"] = {
             "steps": len(history),
@@ -347,7 +381,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(
             json.dumps(
                 {
-                    "store": os.path.abspath(args.store),
+                    "store": _display(args.store),
                     "step": trainer.step,
                     "epoch": trainer.epoch,
                     **{
@@ -385,7 +419,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     data = dt.Dataset.open(args.data)
     if not (args.out.endswith(".npy") or args.out.endswith(".zarr")):
         raise UsageError(f"--out must end in .npy or .zarr, got {args.out!r}")
-    if os.path.exists(args.out) and not args.overwrite:
+    if _path_exists(args.out) and not args.overwrite:
         raise UsageError(f"{args.out!r} exists; pass --overwrite to replace it")
     handle = _client(args.scheduler)
     try:
@@ -393,8 +427,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         kind = "predict_proba" if args.proba else "predict"
         pred = getattr(trainer, kind)(data)
         if args.out.endswith(".npy"):
+            import fsspec
+
             # Sync point: the predictions come to the client (one value per row).
-            np.save(args.out, pred.compute())
+            values = pred.compute()
+            with fsspec.open(args.out, "wb") as f:
+                np.save(f, values)
         else:
             pred.to_zarr(args.out, overwrite=args.overwrite)
     finally:
@@ -485,7 +523,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("make-data", help="write a synthetic dataset store")
-    p.add_argument("path", help="store path to create")
+    p.add_argument("path", help="store path or URL (s3://bucket/key.zarr) to create")
     p.add_argument(
         "--task", choices=("classification", "regression"), default="classification"
     )
@@ -500,14 +538,18 @@ def _parser() -> argparse.ArgumentParser:
     scheduler_flag(p)
     p.set_defaults(func=cmd_make_data)
 
-    p = sub.add_parser("inspect", help="describe a dataset or parameter store")
+    p = sub.add_parser(
+        "inspect", help="describe a dataset or parameter store (path or URL)"
+    )
     p.add_argument("store")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("train", help="train a model on a dataset store")
     p.add_argument("data", help="dataset store")
-    p.add_argument("--store", required=True, help="parameter store of the run")
+    p.add_argument(
+        "--store", required=True, help="parameter store of the run (path or URL)"
+    )
     p.add_argument(
         "--config", help="TOML file with the same keys as the flags (flags win)"
     )

@@ -17,6 +17,7 @@ from dasktrain.data.io import (
     StoreInfo,
     check_chunk_rows,
     check_codec,
+    check_storage_options,
     create_store,
     existing_store_message,
     finalize_store,
@@ -81,17 +82,35 @@ class Dataset:
     # -- creating and opening -------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Dataset:
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> Dataset:
         """Open and validate a complete dataset store, reading only metadata.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Local path, ``file://`` URL or fsspec URL (``s3://bucket/d.zarr``).
+        storage_options : dict, optional
+            fsspec options of a remote store (credentials, endpoint...):
+            JSON-serializable, sent with the dataset to the workers.  Without
+            them, fsspec and the storage library configure themselves from the
+            environment (e.g. ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``).
+            Ignored for local paths.
 
         Raises
         ------
         StoreNotFoundError
-            Nothing exists at ``path``.
+            Nothing exists at ``path`` (or its bucket does not exist).
         StoreError
             Not a Zarr group, not a dasktrain dataset, incomplete (its writing
             was interrupted), or an array is missing or has the wrong length,
-            chunking or dtype; the message names the store and array.
+            chunking or dtype; the message names the store and array.  For
+            a remote store also denied access, missing credentials or an
+            unreachable endpoint (the message names the URL).
 
         Examples
         --------
@@ -101,7 +120,7 @@ class Dataset:
         >>> Dataset.open(path).n_chunks
         3
         """
-        return cls(read_store_info(path))
+        return cls(read_store_info(path, storage_options=storage_options))
 
     @classmethod
     def from_arrays(
@@ -112,6 +131,7 @@ class Dataset:
         codec: str = DEFAULT_CODEC,
         overwrite: bool = False,
         source: str = "from_arrays",
+        storage_options: Mapping[str, Any] | None = None,
         **arrays: Any,
     ) -> Dataset:
         """Write in-memory arrays as a new dataset store.
@@ -131,6 +151,8 @@ class Dataset:
             dasktrain dataset store is still refused.
         source : str
             Recorded in the store's provenance.
+        storage_options : dict, optional
+            fsspec options of a remote store (see :meth:`open`).
         **arrays : array-like
             The fields, by name (``X=..., y=...``): equal lengths, bool,
             integer or float dtypes.  ``X``, if given, must be 2-d float32 or
@@ -168,11 +190,12 @@ class Dataset:
         url = normalize_url(path)
         check_chunk_rows(chunk_rows)
         check_codec(codec)
+        options = check_storage_options(storage_options)
         values = {name: _as_numpy(name, a) for name, a in arrays.items()}
         fields, n_rows = _describe_arrays(
             {name: (a.shape, a.dtype) for name, a in values.items()}
         )
-        _check_destination(url, overwrite)
+        _check_destination(url, overwrite, options)
         ref = create_store(
             url,
             fields=fields,
@@ -181,11 +204,12 @@ class Dataset:
             codec=codec,
             overwrite=overwrite,
             provenance={"source": source},
+            storage_options=options,
         )
         for name, a in values.items():
             write_array(ref, name, _native(a))
-        finalize_store(url, provenance={"source": source})
-        return cls.open(url)
+        finalize_store(url, provenance={"source": source}, storage_options=options)
+        return cls.open(url, storage_options=options)
 
     @classmethod
     def from_dask(
@@ -196,6 +220,7 @@ class Dataset:
         codec: str = DEFAULT_CODEC,
         overwrite: bool = False,
         source: str = "from_dask",
+        storage_options: Mapping[str, Any] | None = None,
         **arrays: Any,
     ) -> Dataset:
         """Write Dask arrays as a new dataset store, in parallel, chunk by chunk.
@@ -221,6 +246,7 @@ class Dataset:
         url = normalize_url(path)
         check_chunk_rows(chunk_rows)
         check_codec(codec)
+        options = check_storage_options(storage_options)
         values: dict[str, da.Array] = {}
         for name, a in arrays.items():
             try:
@@ -238,7 +264,7 @@ class Dataset:
         fields, n_rows = _describe_arrays(
             {name: (a.shape, a.dtype) for name, a in values.items()}
         )
-        _check_destination(url, overwrite)
+        _check_destination(url, overwrite, options)
         ref = create_store(
             url,
             fields=fields,
@@ -247,6 +273,7 @@ class Dataset:
             codec=codec,
             overwrite=overwrite,
             provenance={"source": source},
+            storage_options=options,
         )
         writes: list[Any] = []
         for name, a in values.items():
@@ -261,8 +288,8 @@ class Dataset:
             )
         # Sync point: every chunk is computed and written by the scheduler.
         dask.compute(*writes)
-        finalize_store(url, provenance={"source": source})
-        return cls.open(url)
+        finalize_store(url, provenance={"source": source}, storage_options=options)
+        return cls.open(url, storage_options=options)
 
     # -- description ----------------------------------------------------------
 
@@ -270,6 +297,11 @@ class Dataset:
     def path(self) -> str:
         """Absolute path (or fsspec URL) of the store."""
         return self._info.ref.url
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options of a remote store (``{}`` for a local one); a copy."""
+        return dict(self._info.ref.storage_options)
 
     @property
     def ref(self) -> DatasetRef:
@@ -650,10 +682,12 @@ def _describe_arrays(
     return fields, n_rows
 
 
-def _check_destination(url: str, overwrite: bool) -> None:
+def _check_destination(
+    url: str, overwrite: bool, storage_options: Mapping[str, Any]
+) -> None:
     """Refuse an existing path early, before any data is prepared."""
-    if store_exists(url) and not overwrite:
-        raise StoreError(existing_store_message(url))
+    if store_exists(url, storage_options) and not overwrite:
+        raise StoreError(existing_store_message(url, storage_options))
 
 
 def _shape_text(info: FieldInfo) -> str:

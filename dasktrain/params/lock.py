@@ -23,6 +23,33 @@ be gone (its machine crashed, its job was cancelled), remove the lock with
 
 Releasing a lock removes the file only if it still carries the holder's
 ``token``, so a holder whose lock was broken never removes its successor's.
+
+Object stores
+-------------
+A store given by an fsspec URL keeps its lock as the object
+``<store>/.dasktrain-lock`` (see :class:`ObjectLockFile`), with the same
+contents and the same stale-lock rule.  How it is created depends on the
+filesystem:
+
+* **S3** (``s3fs``): one ``PutObject`` with ``If-None-Match: *``, a
+  create-only write that the service refuses (HTTP 412) when the object
+  exists; exactly one of several concurrent writers gets the lock.  AWS S3
+  supports it since August 2024; an S3-compatible server that ignores the
+  header degrades to "last writer wins", which the read-back below detects
+  only for takeovers.
+* **Any other fsspec filesystem**: best effort.  The writer checks that no
+  lock object exists, writes its own (with its unique token), waits
+  :data:`OBJECT_LOCK_SETTLE_SECONDS`, reads the object back and holds the
+  lock only if it still carries its token.  Two writers whose check and write
+  are more than that delay apart can both believe they hold the lock.
+
+Taking over a stale lock and releasing a lock read the object, compare the
+token and then delete it: two separate requests, so a lock broken and retaken
+by someone else in between could be deleted.  After a takeover the new holder
+waits :data:`OBJECT_LOCK_SETTLE_SECONDS` and reads its lock back, so of two
+processes taking over the same stale lock at once at most one keeps it.  A
+holder checks its token before every commit (:meth:`WriteLock.check`), so a
+writer that lost its lock stops instead of committing.
 """
 
 from __future__ import annotations
@@ -42,11 +69,14 @@ from typing import Any
 
 import psutil
 
+from dasktrain.data.io import remote_store_error
 from dasktrain.errors import StoreError, StoreLockedError
 
 __all__ = [
     "LOCK_FILENAME",
+    "OBJECT_LOCK_SETTLE_SECONDS",
     "LockInfo",
+    "ObjectLockFile",
     "WriteLock",
     "break_lock",
     "is_lock_leftover",
@@ -65,6 +95,13 @@ _READ_ATTEMPTS = 5
 _READ_RETRY_SECONDS = 0.02
 _PID_REUSE_SLACK_SECONDS = 2.0
 _LOCK_FILE_MODE = 0o644
+#: Filesystem classes whose ``pipe_file(..., mode="create")`` is a create-only
+#: conditional write on the server (atomic); others get the best-effort scheme.
+_CONDITIONAL_CREATE_FILESYSTEMS = frozenset({"S3FileSystem"})
+
+OBJECT_LOCK_SETTLE_SECONDS = 0.5
+"""Wait between writing a lock object and reading it back (best-effort
+creation on object stores without create-only writes, and takeovers)."""
 
 
 @dataclass(frozen=True)
@@ -215,17 +252,155 @@ def _parse_lock_bytes(raw: bytes) -> LockInfo:
     return LockInfo.from_json(obj)
 
 
-def _read_lock_file(path: Path) -> LockInfo | None:
+class _LocalLockFile:
+    """The lock file of a store in a local directory (``O_EXCL`` creation)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def create(self, payload: bytes, *, label: str) -> bool:
+        return WriteLock._try_create(self.path, payload, label=label)
+
+    def read_bytes(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def remove_if_token(self, token: str | None) -> bool:
+        return _remove_if_token(self.path, token)
+
+    def settle(self) -> None:
+        """Nothing to wait for: creation with ``O_EXCL`` is atomic."""
+
+
+class ObjectLockFile:
+    """The lock object of a store on an fsspec filesystem (an object store).
+
+    See the module documentation for how it is created on S3 (a create-only
+    conditional ``PutObject``) and elsewhere (best effort).
+
+    Parameters
+    ----------
+    fs : fsspec.AbstractFileSystem
+        Filesystem of the store.
+    fs_path : str
+        Path of the lock object within ``fs``.
+    url : str
+        URL of the lock object, for messages.
+
+    Examples
+    --------
+    >>> import fsspec
+    >>> fs = fsspec.filesystem("memory")
+    >>> lock_file = ObjectLockFile(fs, "/doc/run.zarr/.dasktrain-lock",
+    ...                            "memory://doc/run.zarr/.dasktrain-lock")
+    >>> with WriteLock.acquire(lock_file, owner="example") as lock:
+    ...     read_lock(lock_file).owner
+    'example'
+    >>> read_lock(lock_file) is None
+    True
+    """
+
+    def __init__(self, fs: Any, fs_path: str, url: str) -> None:
+        self.fs = fs
+        self.fs_path = fs_path
+        self.url = url
+
+    @property
+    def path(self) -> str:
+        """URL of the lock object."""
+        return self.url
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def atomic(self) -> bool:
+        """Whether creation is a create-only conditional write on the server."""
+        return type(self.fs).__name__ in _CONDITIONAL_CREATE_FILESYSTEMS
+
+    def _error(self, exc: Exception, action: str) -> StoreError:
+        return remote_store_error(self.url, exc, action=action, what="lock object")
+
+    def create(self, payload: bytes, *, label: str) -> bool:
+        """Create the lock object with ``payload``; ``False`` if it exists."""
+        try:
+            if self.atomic:
+                self.fs.pipe_file(self.fs_path, payload, mode="create")
+                return True
+            if self.read_bytes() is not None:
+                return False
+            self.fs.pipe_file(self.fs_path, payload)
+        except FileExistsError:
+            return False
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, "create") from exc
+        self.settle()
+        return self.read_bytes() == payload
+
+    def read_bytes(self) -> bytes | None:
+        """The lock object's bytes, or ``None`` if there is none."""
+        try:
+            self.fs.invalidate_cache(self.fs_path)
+            raw: bytes = self.fs.cat_file(self.fs_path)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._error(exc, "read") from exc
+        return raw
+
+    def remove_if_token(self, token: str | None) -> bool:
+        """Delete the lock object if it carries ``token`` (any if ``None``)."""
+        raw = self.read_bytes()
+        if raw is None:
+            return False
+        if token is not None:
+            try:
+                if _parse_lock_bytes(raw).token != token:
+                    return False
+            except ValueError:
+                return False
+        try:
+            self.fs.rm_file(self.fs_path)
+        except FileNotFoundError:
+            return False
+        except Exception as exc:
+            raise self._error(exc, "delete") from exc
+        return True
+
+    def settle(self) -> None:
+        """Give concurrent writes of the lock object time to land."""
+        time.sleep(OBJECT_LOCK_SETTLE_SECONDS)
+
+
+_LockTarget = str | os.PathLike[str] | ObjectLockFile
+_LockFile = _LocalLockFile | ObjectLockFile
+
+
+def _lock_file(target: _LockTarget) -> _LockFile:
+    if isinstance(target, ObjectLockFile):
+        return target
+    return _LocalLockFile(_lock_path(target))
+
+
+def _read_lock_file(lock_file: Path | _LockFile) -> LockInfo | None:
     """Read a lock file; ``None`` if absent, ``ValueError`` if unreadable.
 
     A lock file is created empty and then written, so a reader may briefly see
     it empty or incomplete: such reads are retried a few times.
     """
+    if isinstance(lock_file, Path):
+        lock_file = _LocalLockFile(lock_file)
     problem = ""
     for attempt in range(_READ_ATTEMPTS):
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
+        raw = lock_file.read_bytes()
+        if raw is None:
             return None
         try:
             return _parse_lock_bytes(raw)
@@ -236,8 +411,9 @@ def _read_lock_file(path: Path) -> LockInfo | None:
     raise ValueError(problem)
 
 
-def read_lock(directory: str | os.PathLike[str]) -> LockInfo | None:
-    """Return the lock held on a store directory, or ``None`` if unlocked.
+def read_lock(directory: _LockTarget) -> LockInfo | None:
+    """Return the lock held on a store directory (or an :class:`ObjectLockFile`),
+    or ``None`` if unlocked.
 
     Raises
     ------
@@ -250,11 +426,11 @@ def read_lock(directory: str | os.PathLike[str]) -> LockInfo | None:
     >>> read_lock(tempfile.mkdtemp()) is None
     True
     """
-    path = _lock_path(directory)
+    lock_file = _lock_file(directory)
     try:
-        return _read_lock_file(path)
+        return _read_lock_file(lock_file)
     except ValueError as exc:
-        raise StoreError(f"lock file {path} is unreadable: {exc}") from None
+        raise StoreError(f"lock file {lock_file} is unreadable: {exc}") from None
 
 
 def _remove_if_token(path: Path, token: str | None) -> bool:
@@ -292,7 +468,7 @@ def _remove_if_token(path: Path, token: str | None) -> bool:
     return True
 
 
-def break_lock(directory: str | os.PathLike[str]) -> LockInfo | None:
+def break_lock(directory: _LockTarget) -> LockInfo | None:
     """Remove a store's lock whoever holds it; return what it held.
 
     Use this only when the holder is known to be gone, typically a trainer that
@@ -316,12 +492,12 @@ def break_lock(directory: str | os.PathLike[str]) -> LockInfo | None:
     >>> lock.held
     False
     """
-    path = _lock_path(directory)
+    lock_file = _lock_file(directory)
     try:
-        info = _read_lock_file(path)
+        info = _read_lock_file(lock_file)
     except ValueError:
         info = None
-    if _remove_if_token(path, None):
+    if lock_file.remove_if_token(None):
         logger.warning(
             "broke the write lock of %s held by %s",
             directory,
@@ -369,8 +545,9 @@ class WriteLock:
     >>> lock.release()  # already released: nothing happens
     """
 
-    def __init__(self, path: Path, info: LockInfo, *, label: str) -> None:
-        self._path = path
+    def __init__(self, path: Path | _LockFile, info: LockInfo, *, label: str) -> None:
+        self._file: _LockFile = _LocalLockFile(path) if isinstance(path, Path) else path
+        self._path = self._file.path
         self._info = info
         self._label = label
         self._released = False
@@ -378,7 +555,7 @@ class WriteLock:
     @classmethod
     def acquire(
         cls,
-        directory: str | os.PathLike[str],
+        directory: _LockTarget,
         *,
         owner: str = "",
         label: str | None = None,
@@ -387,8 +564,9 @@ class WriteLock:
 
         Parameters
         ----------
-        directory : str or path-like
-            Existing directory that holds the lock file (the store's root).
+        directory : str, path-like or ObjectLockFile
+            Existing directory that holds the lock file (the store's root),
+            or the lock object of a store on an object store.
         owner : str, default ""
             Free text recorded in the lock (shown to refused writers).
         label : str, optional
@@ -404,8 +582,10 @@ class WriteLock:
         """
         if not isinstance(owner, str):
             raise TypeError(f"owner must be a string, got {type(owner).__name__}")
-        path = _lock_path(directory)
-        name = label if label is not None else os.fspath(directory)
+        lock_file = _lock_file(directory)
+        path = lock_file.path
+        name = label if label is not None else str(directory)
+        took_over = False
         for _ in range(_ACQUIRE_ATTEMPTS):
             info = LockInfo(
                 host=_this_host(),
@@ -414,11 +594,18 @@ class WriteLock:
                 token=uuid.uuid4().hex,
                 created=datetime.now(UTC).isoformat(),
             )
-            if cls._try_create(path, info, label=name):
+            payload = json.dumps(info.to_json()).encode("utf-8")
+            if lock_file.create(payload, label=name):
+                if took_over:
+                    # Another process may have taken over the same stale lock
+                    # at the same moment: keep the lock only if it is ours.
+                    lock_file.settle()
+                    if lock_file.read_bytes() != payload:
+                        continue
                 logger.debug("took the write lock of %s", name)
-                return cls(path, info, label=name)
+                return cls(lock_file, info, label=name)
             try:
-                holder = _read_lock_file(path)
+                holder = _read_lock_file(lock_file)
             except ValueError as exc:
                 raise StoreLockedError(
                     f"parameter store {name} is locked for writing, but its lock "
@@ -430,7 +617,8 @@ class WriteLock:
                 continue  # released meanwhile: try again
             if not is_stale(holder):
                 raise StoreLockedError(_locked_message(name, holder))
-            if _remove_if_token(path, holder.token):
+            if lock_file.remove_if_token(holder.token):
+                took_over = True
                 logger.warning(
                     "took over the stale write lock of %s held by %s "
                     "(that process no longer runs)",
@@ -443,8 +631,7 @@ class WriteLock:
         )
 
     @staticmethod
-    def _try_create(path: Path, info: LockInfo, *, label: str) -> bool:
-        payload = json.dumps(info.to_json()).encode("utf-8")
+    def _try_create(path: Path, payload: bytes, *, label: str) -> bool:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _LOCK_FILE_MODE)
         except FileExistsError:
@@ -474,8 +661,8 @@ class WriteLock:
         return self._info
 
     @property
-    def path(self) -> Path:
-        """Path of the lock file."""
+    def path(self) -> Path | str:
+        """Path of the lock file (URL of the lock object on an object store)."""
         return self._path
 
     @property
@@ -493,7 +680,7 @@ class WriteLock:
         if self._released:
             return False
         try:
-            current = _read_lock_file(self._path)
+            current = _read_lock_file(self._file)
         except ValueError:
             return False
         return current is not None and current.token == self._info.token
@@ -519,7 +706,7 @@ class WriteLock:
         if self._released:
             return
         self._released = True
-        if _remove_if_token(self._path, self._info.token):
+        if self._file.remove_if_token(self._info.token):
             logger.debug("released the write lock of %s", self._label)
         else:
             logger.warning(

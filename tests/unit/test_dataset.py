@@ -134,9 +134,12 @@ def test_round_trip(
 
 def test_codecs_on_disk(tmp_path: Path) -> None:
     expected = {
-        "none": [],
-        "zstd": [{"name": "zstd", "level": 1}],
-        "lz4": [{"name": "blosc", "cname": "lz4", "shuffle": "noshuffle"}],
+        "none": [{"name": "crc32c"}],
+        "zstd": [{"name": "zstd", "level": 1}, {"name": "crc32c"}],
+        "lz4": [
+            {"name": "blosc", "cname": "lz4", "shuffle": "noshuffle"},
+            {"name": "crc32c"},
+        ],
     }
     assert DEFAULT_CODEC in CODECS
     for codec, wanted in expected.items():

@@ -68,7 +68,9 @@ def _assert_version(store: ParamStore, step: int) -> None:
 
 
 def _version_dirs(path: Path) -> list[str]:
-    return sorted(p.name for p in (path / "versions").iterdir() if p.is_dir())
+    return sorted(
+        (p.name for p in (path / "versions").iterdir() if p.is_dir()), key=int
+    )
 
 
 @pytest.fixture
@@ -730,3 +732,92 @@ def test_sigkill_during_commits_leaves_a_consistent_store(tmp_path: Path) -> Non
         assert _version_dirs(path) == [str(s) for s in store.versions]
         store.commit(last + 1, _params(last + 1), _opt(last + 1), {"step": last + 1})
     _assert_version(ParamStore.open(path), last + 1)
+
+
+# ------------------------------------------------------------ store URLs
+
+
+def test_location_link_shares_the_file(store_path: Path) -> None:
+    store = ParamStore.create(store_path)
+    location = dtp.store._Location.from_user(store_path)
+    src = store_path / "versions" / "1" / "user" / "c" / "3" / "0"
+    src.parent.mkdir(parents=True)
+    src.write_bytes(b"shard 3")
+    location.link("versions/1/user/c/3/0", "versions/2/user/c/3/0")
+    dst = store_path / "versions" / "2" / "user" / "c" / "3" / "0"
+    assert dst.read_bytes() == b"shard 3"
+    assert os.stat(dst).st_ino == os.stat(src).st_ino  # a hard link
+    assert os.stat(src).st_nlink == 2
+
+    other = store_path / "versions" / "1" / "user" / "c" / "4" / "0"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"shard 4")
+    location.link("versions/1/user/c/4/0", "versions/2/user/c/3/0")  # replaces
+    assert dst.read_bytes() == b"shard 4"
+    assert os.stat(src).st_nlink == 1
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["0"]  # no debris
+
+    with pytest.raises(StoreNotFoundError, match=r"versions/1/user/c/5/0"):
+        location.link("versions/1/user/c/5/0", "versions/2/user/c/5/0")
+    for bad in ("", "/etc/passwd", "versions/../../x"):
+        with pytest.raises(ValueError, match="invalid key"):
+            location.link(bad, "versions/2/x")
+    assert store.path == str(store_path)
+
+
+def test_location_link_copies_where_linking_fails(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ParamStore.create(store_path)
+    location = dtp.store._Location.from_user(store_path)
+    src = store_path / "versions" / "1" / "w" / "c" / "0"
+    src.parent.mkdir(parents=True)
+    src.write_bytes(b"rows 0-99")
+
+    def cross_device(src: Any, dst: Any) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    location.link("versions/1/w/c/0", "versions/2/w/c/0")
+    dst = store_path / "versions" / "2" / "w" / "c" / "0"
+    assert dst.read_bytes() == b"rows 0-99"
+    assert os.stat(dst).st_ino != os.stat(src).st_ino
+
+
+def test_file_url_is_the_local_store(tmp_path: Path) -> None:
+    store = ParamStore.create(f"file://{tmp_path}/run.zarr")
+    assert store.path == str(tmp_path / "run.zarr")
+    with store.lock():
+        store.commit(1, *_small(1), {})
+        assert (tmp_path / "run.zarr" / LOCK_FILENAME).is_file()
+    _assert_small(ParamStore.open(tmp_path / "run.zarr"), 1)
+
+
+def test_store_on_an_fsspec_filesystem() -> None:
+    """The fsspec code path on the in-memory filesystem: no create-only
+    writes there, so the lock is the best-effort one."""
+    url = f"memory://dasktrain-unit/{os.getpid()}-{time.monotonic_ns()}/run.zarr"
+    with pytest.raises(StoreNotFoundError, match="no object under this prefix"):
+        ParamStore.open(url)
+    store = ParamStore.create(url, keep_versions=2, meta={"model": "m"})
+    assert store.path == url and ParamStore.exists(url)
+    assert not store._location.lock_target.atomic
+    with store.lock(owner="first"):
+        with pytest.raises(StoreLockedError, match="first"):
+            ParamStore.open(url).lock(owner="second")
+        for step in (1, 2, 10):
+            store.commit(step, *_small(step), {"step": step})
+        assert store.versions == [2, 10]
+        location = store._location
+        assert location.children("versions") == ["10", "2", "zarr.json"]
+        location.link("versions/10/params/w/c/0/0", "versions/11/params/w/c/0/0")
+        assert location.has("versions/11/params/w/c/0/0")
+        assert store.cleanup() == ["versions/11"]
+    _assert_small(ParamStore.open(url), 10)
+    assert ParamStore.open(url).read(2).step == 2
+    taken = ParamStore.open(url).lock(owner="gone")
+    assert ParamStore.break_lock(url).owner == "gone"
+    assert not taken.held
+    with store.lock():
+        store.remove()
+    assert not ParamStore.exists(url)
