@@ -25,7 +25,10 @@ is then timed to a relative gap ``(f - f*) / f*`` of 0.5% and 0.1%:
 
 * dasktrain (``Trainer.fit``) reports every iteration or epoch through a
   callback: the time is the wall time since the ``Trainer`` was created, so it
-  includes the first (cold) pass and the store commits.
+  includes the first (cold) pass and the store commits.  Its SGD-family
+  setting is local SGD (``fit(batch_rows=1024, local_steps=64)``): one
+  round of minibatch SGD over each chunk on its worker, then averaging, per
+  pass over the data.
 * scikit-learn and the Dask peers only return their final coefficients: they
   are re-run with ``max_iter`` = 1, 2, 4, 8, ... and the time is that of the
   first run whose result reaches the gap.  That is the time-to-solution of a
@@ -123,6 +126,21 @@ DASKTRAIN_MAX_EPOCHS = 300
 #: chunk per step) were far slower to a 0.1% gap on this problem.
 SGD_LEARNING_RATE = 4.0
 SGD_MOMENTUM = 0.5
+#: dasktrain's best SGD-family setting: local SGD (model averaging).  Each
+#: round, every training chunk runs plain SGD over its own rows in minibatches
+#: of LOCAL_SGD_BATCH_ROWS, LOCAL_SGD_STEPS of them (65,536 / 1,024: the whole
+#: chunk, so one round is one pass over the data), with a learning rate that
+#: decays along a cosine over those steps, from LOCAL_SGD_LEARNING_RATE to
+#: LOCAL_SGD_ALPHA times it; then the chunks' parameters are averaged.  Found
+#: by a short search in NumPy (see benchmarks/README.md).
+LOCAL_SGD_BATCH_ROWS = 1_024
+LOCAL_SGD_STEPS = 64
+LOCAL_SGD_LEARNING_RATE = 8.0
+LOCAL_SGD_ALPHA = 0.05
+#: A local-SGD history row reports the objective seen during the round's
+#: steps, above that of the averaged point, so the stop rule fires late:
+#: rounds are capped instead.
+LOCAL_SGD_MAX_EPOCHS = 4
 INCREMENTAL_EPOCHS = 3
 #: Two runs whose objectives agree to this relative tolerance: the solver
 #: stopped on its own criterion, more ``max_iter`` will not help.
@@ -145,6 +163,7 @@ REGULARIZATION = {
     "sklearn": "C = 1/(l2*n)",
     "dasktrain-lbfgs": "l2",
     "dasktrain-sgd": "l2",
+    "dasktrain-local-sgd": "l2",
     "daskml-lbfgs": "C = 1/(l2*n)",
     "daskml-admm": "C = 1/(l2*n)",
     "daskglm-lbfgs": "lamduh = l2*n",
@@ -156,6 +175,7 @@ METHOD_LABELS = {
     "sklearn": "scikit-learn lbfgs, in RAM",
     "dasktrain-lbfgs": "dasktrain LBFGS, full batch",
     "dasktrain-sgd": "dasktrain SGD+momentum, full batch",
+    "dasktrain-local-sgd": "dasktrain local SGD, 1 round/pass",
     "daskml-lbfgs": "dask-ml LogisticRegression lbfgs",
     "daskml-admm": "dask-ml LogisticRegression admm",
     "daskglm-lbfgs": "dask-glm lbfgs",
@@ -174,7 +194,7 @@ DOUBLING = {
 }
 METHODS = tuple(REGULARIZATION)
 COMPARED = tuple(m for m in METHODS if m != "sklearn")
-DASKTRAIN_METHODS = ("dasktrain-lbfgs", "dasktrain-sgd")
+DASKTRAIN_METHODS = ("dasktrain-lbfgs", "dasktrain-sgd", "dasktrain-local-sgd")
 PEERS = tuple(m for m in COMPARED if m not in DASKTRAIN_METHODS)
 
 
@@ -390,8 +410,22 @@ def _child_dasktrain(name: str, spec: dict[str, Any], client: Client) -> None:
                 trainer.stop_training = True
 
     model = dt.models.LogisticRegression(l2=spec["l2"])
+    fit_options: dict[str, Any] = {"epochs": DASKTRAIN_MAX_EPOCHS, "batch_rows": None}
     if name == "dasktrain-lbfgs":
         opt: Any = dt.optim.LBFGS()
+    elif name == "dasktrain-local-sgd":
+        opt = dt.optim.SGD(
+            learning_rate=dt.optim.CosineDecay(
+                LOCAL_SGD_LEARNING_RATE,
+                decay_steps=LOCAL_SGD_STEPS,
+                alpha=LOCAL_SGD_ALPHA,
+            )
+        )
+        fit_options = {
+            "epochs": LOCAL_SGD_MAX_EPOCHS,
+            "batch_rows": LOCAL_SGD_BATCH_ROWS,
+            "local_steps": LOCAL_SGD_STEPS,
+        }
     else:
         opt = dt.optim.SGD(learning_rate=SGD_LEARNING_RATE, momentum=SGD_MOMENTUM)
     with tempfile.TemporaryDirectory(prefix="compare-peers-") as tmp:
@@ -400,13 +434,7 @@ def _child_dasktrain(name: str, spec: dict[str, Any], client: Client) -> None:
         trainer = dt.Trainer(
             model, opt, store=os.path.join(tmp, "run.zarr"), client=client
         )
-        trainer.fit(
-            train,
-            epochs=DASKTRAIN_MAX_EPOCHS,
-            batch_rows=None,
-            callbacks=[Report(t0)],
-            progress=False,
-        )
+        trainer.fit(train, callbacks=[Report(t0)], progress=False, **fit_options)
         _send("fit_returned", seconds=time.perf_counter() - t0)
         trainer.close()
 
@@ -762,8 +790,10 @@ class Bench:
             first = out.points[0]
             out.notes.append(f"first {first.label} at {first.seconds:.1f} s")
         if any("evals" in p.info for p in out.points):
-            # One pass to evaluate the starting point, then each line search's.
-            passes = 1 + sum(int(p.info.get("evals", 1)) for p in out.points)
+            # L-BFGS: one pass to evaluate the starting point, then each line
+            # search's; the SGD family: one pass per epoch.
+            start = 1 if out.name == "dasktrain-lbfgs" else 0
+            passes = start + sum(int(p.info.get("evals", 1)) for p in out.points)
             out.notes.append(f"{passes} passes over the data")
 
 

@@ -11,6 +11,7 @@ This module imports neither dask nor zarr.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -23,8 +24,11 @@ __all__ = [
     "covering_nodes",
     "node_span",
     "reduce_node",
+    "sum_by_index",
     "tree_depth",
     "tree_reduce",
+    "weighted_mean",
+    "weighted_sum",
 ]
 
 
@@ -48,8 +52,7 @@ class RowSparse:
         """Sum duplicate rows and sort (deterministic: ``np.add.at`` in input
         order)."""
         uniq, inverse = np.unique(rows, return_inverse=True)
-        out = np.zeros((uniq.shape[0], *values.shape[1:]), dtype=values.dtype)
-        np.add.at(out, inverse, values)
+        out = sum_by_index(inverse, values, uniq.shape[0]).astype(values.dtype)
         return cls(uniq.astype(np.int64), out, tuple(shape))
 
     def to_dense(self) -> np.ndarray:
@@ -73,6 +76,22 @@ class RowSparse:
 
 
 Grad = np.ndarray | RowSparse
+
+
+def sum_by_index(index: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """``out[j] = sum of values[i] for index[i] == j`` in float64, adding in
+    the order of ``i`` from 0.0: the same bits as ``np.add.at``, an order of
+    magnitude faster (one ``np.bincount`` per column)."""
+    values = np.asarray(values, dtype=np.float64)
+    index = np.asarray(index, dtype=np.intp).reshape(-1)
+    if values.ndim == 1:
+        return np.bincount(index, weights=values, minlength=n)
+    flat = values.reshape(values.shape[0], math.prod(values.shape[1:]))
+    columns = np.ascontiguousarray(flat.T)
+    out = np.empty((n, columns.shape[0]), dtype=np.float64)
+    for j in range(columns.shape[0]):
+        out[:, j] = np.bincount(index, weights=columns[j], minlength=n)
+    return out.reshape((n, *values.shape[1:]))
 
 
 @dataclass(frozen=True)
@@ -222,3 +241,60 @@ def tree_reduce(
         n = n_leaves
         known = dict(items)
     return reduce_node((tree_depth(n), 0), n, known)
+
+
+# ---------------------------------------------------------------------------
+# Row-weighted averages through the same tree (local SGD's model averaging).
+#
+# A leaf that trained its own copy of some arrays on ``n`` rows sends them as
+# a Partial whose ``grads`` hold ``n * value`` (float64) and whose ``n_rows``
+# is ``n``; the fixed tree sums these like gradients, and dividing by the
+# total row count gives the row-weighted mean, with the same bits on any
+# cluster.
+# ---------------------------------------------------------------------------
+
+
+def weighted_sum(
+    values: Mapping[str, np.ndarray],
+    n_rows: int,
+    *,
+    loss_sum: float = 0.0,
+    metrics: Mapping[str, float] | None = None,
+) -> Partial:
+    """A leaf of a row-weighted average: ``grads[k] = n_rows * values[k]``.
+
+    Parameters
+    ----------
+    values:
+        Name -> array (any float dtype; summed in float64).
+    n_rows:
+        The weight: the rows the values were trained on (``>= 0``).
+    loss_sum, metrics:
+        Other sums carried along (see :class:`Partial`).
+
+    Examples
+    --------
+    >>> a = weighted_sum({"w": np.array([1.0, 2.0])}, 1)
+    >>> b = weighted_sum({"w": np.array([4.0, 8.0])}, 3)
+    >>> weighted_mean(combine(a, b))["w"]
+    array([3.25, 6.5 ])
+    """
+    if n_rows < 0:
+        raise ValueError(f"n_rows must be >= 0, got {n_rows}")
+    weight = np.float64(n_rows)
+    grads = {k: np.asarray(v, dtype=np.float64) * weight for k, v in values.items()}
+    return Partial(float(loss_sum), grads, int(n_rows), dict(metrics or {}))
+
+
+def weighted_mean(partial: Partial) -> dict[str, np.ndarray]:
+    """The row-weighted mean of the values summed by :func:`weighted_sum`:
+    ``grads[k] / n_rows`` in float64 (``nan`` for zero rows)."""
+    dense = {}
+    for k, g in partial.grads.items():
+        if isinstance(g, RowSparse):
+            raise TypeError(f"weighted_mean: {k!r} is row-sparse, expected dense")
+        dense[k] = np.asarray(g, dtype=np.float64)
+    if partial.n_rows == 0:
+        return {k: np.full_like(g, np.nan) for k, g in dense.items()}
+    n = np.float64(partial.n_rows)
+    return {k: g / n for k, g in dense.items()}

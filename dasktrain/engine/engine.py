@@ -8,36 +8,54 @@ Shape of a pass (see ARCHITECTURE.md, section 6):
    bounded load), so its decoded copy stays in that worker's cache.
 3. One task per worker thread computes its leaves and pre-reduces the largest
    subtrees it holds; tasks carry soft worker restrictions, so a lost
-   worker's share simply runs elsewhere.
+   worker's share simply runs elsewhere.  A pass that loses its scattered
+   parameters, or whose tasks the scheduler strands (see
+   :meth:`Engine._wait_for`), is run again.
 4. The client completes the tree.  The same tree gives the same bits on any
    number of workers, in any arrival order, after any retry.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
+import math
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-from distributed import Client, Future, wait
+from distributed import Client, Future
 from distributed.client import FutureCancelledError, FuturesCancelledError
 from distributed.comm.core import CommClosedError
 
 from dasktrain.data.io import DatasetRef
 from dasktrain.engine.cache import DEFAULT_CACHE_FRACTION, CachePlugin
 from dasktrain.engine.plan import Piece, assign_pieces, chunk_owners
-from dasktrain.engine.tasks import FAILED_LEAF_ATTRIBUTE, TaskReport, compute_leaves
+from dasktrain.engine.tasks import (
+    FAILED_LEAF_ATTRIBUTE,
+    TaskReport,
+    compute_leaves,
+    local_sgd_leaves,
+)
 from dasktrain.models.base import Model
+from dasktrain.optim.base import Optimizer
 from dasktrain.partial import Node, Partial, tree_reduce
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "PassResult", "WorkerInfo"]
+T = TypeVar("T")
+
+__all__ = [
+    "Engine",
+    "PassResult",
+    "PassStalledError",
+    "WorkerInfo",
+    "local_sgd_rounds",
+]
 
 #: Parameters up to this size travel inside the task; larger ones are
 #: scattered once per pass (inlining big arrays into graphs is slow).
@@ -53,16 +71,29 @@ TASK_RETRIES = 0
 
 #: Runs of a pass that lost data or a connection to a dying worker.
 PASS_ATTEMPTS = 3
+#: How often a pass that is still running checks that its tasks can run.
+STALL_CHECK_SECONDS = 2.0
+#: First time limit on fetching a finished pass's results (doubled while the
+#: tasks stay finished: then the fetch is slow, not lost).
+GATHER_TIMEOUT_SECONDS = 10.0
 #: Pause before running such a pass again (times the attempt number), so the
 #: scheduler has noticed the death.
 LOST_WORKER_PAUSE_SECONDS = 0.5
+
+
+class PassStalledError(RuntimeError):
+    """Tasks of a pass wait in the scheduler's ``no-worker`` state while
+    workers are running: they will never run (see :meth:`Engine._wait_for`)."""
+
+
 #: What a dying worker makes a pass raise on the client: a connection closed
-#: under a scatter or gather, or futures cancelled because the only copy of
-#: their scattered input was lost.
+#: under a scatter or gather, futures cancelled because the only copy of
+#: their scattered input was lost, or tasks stranded in ``no-worker``.
 LOST_WORKER_ERRORS: tuple[type[BaseException], ...] = (
     CommClosedError,
     FutureCancelledError,
     FuturesCancelledError,
+    PassStalledError,
 )
 
 
@@ -118,6 +149,14 @@ class Engine:
         client.register_plugin(CachePlugin(cache_fraction))
 
     # -- cluster view ----------------------------------------------------------
+    def _scheduler(self) -> Any:
+        """The client's connection to the scheduler (for calls that have no
+        synchronous client method)."""
+        rpc = self.client.scheduler
+        if rpc is None:
+            raise RuntimeError(f"{self.client} is not connected to a scheduler")
+        return rpc
+
     def workers(self, *, refresh: bool = False) -> list[WorkerInfo]:
         now = time.monotonic()
         if (
@@ -125,8 +164,15 @@ class Engine:
             or not self._workers
             or now - self._workers_at > WORKER_REFRESH_SECONDS
         ):
-            # Sync point: a scheduler round trip for the worker list.
-            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            # Sync point: a scheduler round trip for the worker list.  Asked
+            # directly: Client.scheduler_info() returns a cache that the
+            # client's periodic refresh overwrites with a worker-less summary.
+            identity = self.client.sync(self._scheduler().identity, n_workers=-1)
+            info = {
+                addr: w
+                for addr, w in identity.get("workers", {}).items()
+                if w.get("status", "running") == "running"
+            }
             self._workers = sorted(
                 (
                     WorkerInfo(
@@ -162,6 +208,177 @@ class Engine:
             self._owners = {key: owners}  # keep only the current view
         return owners
 
+    def _wait_for(self, futures: Sequence[Future]) -> None:
+        """Block until every task of a pass has finished or failed; re-raise
+        the cancellation of a cancelled one (``FutureCancelledError``).
+
+        While tasks are unfinished, the scheduler is asked every
+        :data:`STALL_CHECK_SECONDS` for their states.  A task whose restricted
+        worker left while no worker was running sits in ``no-worker``, and
+        distributed does not hand it to workers that join later, loose
+        restrictions or not: such a pass raises :class:`PassStalledError` (and
+        is run again).
+        """
+        pending = list(futures)
+        while pending:
+            try:
+                # Sync point: wait (bounded) for the first unfinished task.
+                pending[0].exception(timeout=STALL_CHECK_SECONDS)
+            except TimeoutError:
+                self._check_stalled([f for f in pending if not f.done()])
+            pending = [f for f in pending if not f.done()]
+        for f in futures:
+            if f.cancelled():
+                f.result()  # raises the cancellation, with its reason
+
+    def _gather(self, futures: Sequence[Future]) -> list[Any]:
+        """Results of a pass's tasks (one or a few small partials each).
+
+        A worker that dies after finishing a task but before its result is
+        fetched makes the scheduler compute the task again, and that rerun
+        can stall like any task (see :meth:`_wait_for`): so the fetch is
+        bounded, and a fetch that times out goes back to waiting.
+        """
+        timeout = GATHER_TIMEOUT_SECONDS
+        while True:
+            self._wait_for(futures)
+
+            async def fetch(timeout: float = timeout) -> list[Any]:
+                return await asyncio.wait_for(
+                    self.client.gather(futures, asynchronous=True), timeout
+                )
+
+            try:
+                # Sync point: fetch the results.
+                return list(self.client.sync(fetch))
+            except TimeoutError:
+                if all(f.done() for f in futures):
+                    timeout *= 2  # slow, not lost: give it longer
+                logger.info("fetching the results of a pass timed out; waiting again")
+
+    def _check_stalled(self, pending: Sequence[Future]) -> None:
+        if not pending:
+            return
+        # Sync point: one round trip for the states of unfinished tasks.
+        states = self.client.sync(
+            self._scheduler().get_task_status, keys=[f.key for f in pending]
+        )
+        stuck = [k for k, state in states.items() if state == "no-worker"]
+        if stuck and self.workers(refresh=True):
+            raise PassStalledError(
+                f"{len(stuck)} task(s) of the pass wait for workers that left "
+                f"(e.g. {stuck[0]!r}) while workers are running"
+            )
+
+    # -- shared machinery of passes and rounds -----------------------------------
+    def retrying(self, what: str, attempt_once: Callable[[], T]) -> T:
+        """Run ``attempt_once`` (a pass, round or step) until it does not lose
+        a worker's data, up to :data:`PASS_ATTEMPTS` times.
+
+        A worker that dies costs time, not results: the scheduler reruns its
+        tasks elsewhere, and if it took the only copy of scattered inputs (or
+        a connection) with it, the whole attempt is run again.  The tree,
+        hence every bit of the result, stays the same.
+        """
+        for attempt in range(1, PASS_ATTEMPTS + 1):
+            try:
+                return attempt_once()
+            except LOST_WORKER_ERRORS as exc:
+                if attempt == PASS_ATTEMPTS or self.client.status != "running":
+                    # Out of attempts, or the client itself gave up (a lost
+                    # scheduler): report what happened.
+                    raise
+                logger.warning(
+                    "%s lost a worker (%s: %s); running it again",
+                    what,
+                    type(exc).__name__,
+                    exc,
+                )
+                time.sleep(LOST_WORKER_PAUSE_SECONDS * attempt)
+                self.workers(refresh=True)
+        raise AssertionError("unreachable")
+
+    def scatter_if_large(self, value: Any, nbytes: int) -> Any:
+        """``value`` itself if small (it travels inside the tasks), else a
+        future of one upload (sync point).  The value goes as one piece under
+        a fresh key: scattering a dict itself would use its keys as keys,
+        shared by every pass, so a new pass could meet the previous pass's
+        arrays (or see them released under it)."""
+        if nbytes <= MAX_INLINE_PARAM_BYTES:
+            return value
+        [future] = self.client.scatter([value], hash=False)
+        return future
+
+    def submit_leaf_tasks(
+        self,
+        ref: DatasetRef,
+        heads: Sequence[Piece],
+        placement_chunks: Sequence[int] | None,
+        kind: str,
+        task: Callable[
+            [list[int]], tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+        ],
+    ) -> list[Future]:
+        """Submit one task per worker thread over the tree's leaves.
+
+        Leaf ``i`` (whose data is the chunk of ``heads[i]``) goes to the
+        owner of that chunk, owners being balanced over ``placement_chunks``
+        (the dataset view's chunks; default: the heads' chunks).  Each
+        worker's leaves are split into contiguous parts, one per thread;
+        ``task(part)`` gives the function and arguments of a part's task.
+        Tasks carry soft restrictions, so a lost worker's part runs
+        elsewhere.
+        """
+        workers = self.workers()
+        by_name = {w.name: w for w in workers}
+        chunks = (
+            placement_chunks
+            if placement_chunks is not None
+            else [p.chunk_id for p in heads]
+        )
+        owners = self._owners_for(ref, chunks)
+        assignment = assign_pieces(heads, owners, list(by_name))
+        token = uuid.uuid4().hex[:12]
+        futures = []
+        for name, leaves in sorted(assignment.items()):
+            w = by_name[name]
+            for t, part in enumerate(_split(leaves, w.nthreads)):
+                fn, args, kwargs = task(part)
+                futures.append(
+                    self.client.submit(
+                        fn,
+                        *args,
+                        **kwargs,
+                        key=f"dasktrain-{kind}-{token}-{name}-{t}",
+                        workers=[w.address],
+                        allow_other_workers=True,
+                        retries=TASK_RETRIES,
+                        pure=False,
+                    )
+                )
+        return futures
+
+    def _reduce(
+        self, futures: Sequence[Future], n_leaves: int, t0: float
+    ) -> PassResult:
+        """Gather the tasks' tree nodes and reports; complete the tree."""
+        try:
+            results = self._gather(futures)
+        except Exception:
+            # The error reported does not depend on which task failed first.
+            _raise_first_error(futures, n_leaves)
+            raise
+        known: dict[Node, Partial] = {}
+        reports: list[TaskReport] = []
+        for nodes, report in results:
+            known.update(nodes)
+            reports.append(report)
+        # Partials of a diverging run may hold inf; the trainer checks the
+        # reduced values and raises DivergenceError, so no warnings here.
+        with np.errstate(over="ignore", invalid="ignore"):
+            partial = tree_reduce(known, n_leaves)
+        return PassResult(partial, time.perf_counter() - t0, reports)
+
     # -- passes --------------------------------------------------------------
     def run_pass(
         self,
@@ -177,114 +394,90 @@ class Engine:
         """Sum of ``model`` partials over ``pieces`` (the tree's leaves, in order).
 
         ``placement_chunks`` is the dataset view's full chunk list, over which
-        chunk owners are balanced (default: the pieces' chunks).
-
-        A worker that dies during the pass costs time, not results: the
-        scheduler reruns its tasks elsewhere, and if it took the only copy of
-        scattered parameters (or a connection) with it, the whole pass is run
-        again, up to :data:`PASS_ATTEMPTS` times.  The tree, hence every bit
-        of the result, stays the same.
+        chunk owners are balanced (default: the pieces' chunks).  A lost
+        worker costs time, not results (see :meth:`retrying`).
         """
         if not pieces:
             raise ValueError("a pass needs at least one piece")
-        for attempt in range(1, PASS_ATTEMPTS + 1):
-            try:
-                return self._run_pass_once(
-                    ref,
-                    model,
-                    params,
-                    pieces,
-                    placement_chunks=placement_chunks,
-                    with_grads=with_grads,
-                    nonfinite=nonfinite,
-                )
-            except LOST_WORKER_ERRORS as exc:
-                if attempt == PASS_ATTEMPTS:
-                    raise
-                logger.warning(
-                    "a pass over %s lost a worker (%s: %s); running it again",
-                    ref.url,
-                    type(exc).__name__,
-                    exc,
-                )
-                time.sleep(LOST_WORKER_PAUSE_SECONDS * attempt)
-                self.workers(refresh=True)
-        raise AssertionError("unreachable")
 
-    def _run_pass_once(
+        def once() -> PassResult:
+            t0 = time.perf_counter()
+            param_arg = {k: np.asarray(v) for k, v in params.items()}
+            # Sync point (large parameters): one upload per pass.
+            shared = self.scatter_if_large(
+                param_arg, sum(v.nbytes for v in param_arg.values())
+            )
+            futures = self.submit_leaf_tasks(
+                ref,
+                pieces,
+                placement_chunks,
+                "pass",
+                lambda part: (
+                    compute_leaves,
+                    (ref, model, shared, [(i, pieces[i]) for i in part], len(pieces)),
+                    {"with_grads": with_grads, "nonfinite": nonfinite},
+                ),
+            )
+            return self._reduce(futures, len(pieces), t0)
+
+        return self.retrying(f"a pass over {ref.url}", once)
+
+    # -- local SGD rounds ------------------------------------------------------
+    def run_local_round(
         self,
         ref: DatasetRef,
         model: Model,
+        optimizer: Optimizer,
         params: Mapping[str, np.ndarray],
-        pieces: Sequence[Piece],
+        opt_state: Mapping[str, np.ndarray],
+        leaves: Sequence[Sequence[Piece]],
         *,
-        placement_chunks: Sequence[int] | None,
-        with_grads: bool,
-        nonfinite: str,
+        placement_chunks: Sequence[int] | None = None,
+        nonfinite: str = "raise",
     ) -> PassResult:
-        t0 = time.perf_counter()
-        workers = self.workers()
-        by_name = {w.name: w for w in workers}
-        chunks = (
-            placement_chunks
-            if placement_chunks is not None
-            else [p.chunk_id for p in pieces]
-        )
-        owners = self._owners_for(ref, chunks)
-        assignment = assign_pieces(pieces, owners, list(by_name))
-        n_leaves = len(pieces)
+        """One round of local SGD: every leaf (the minibatches of one chunk, in
+        order) runs ``optimizer`` steps from ``params`` and ``opt_state``, and
+        the leaves' row-weighted parameters and float state are summed by the
+        fixed tree (see :func:`dasktrain.engine.tasks.local_sgd_leaves`; the
+        caller divides with :func:`dasktrain.engine.tasks.local_average`).
 
-        param_arg: Any = {k: np.asarray(v) for k, v in params.items()}
-        if sum(v.nbytes for v in param_arg.values()) > MAX_INLINE_PARAM_BYTES:
-            # Sync point: one upload of the parameters per pass.
-            # The dict goes as one value under a fresh key: scattering the dict
-            # itself would use the parameter names as keys, shared by every
-            # pass, so a new pass could meet the previous pass's arrays (or
-            # see them released under it).
-            [param_arg] = self.client.scatter([param_arg], hash=False)
+        Placement, retries and the tree are those of :meth:`run_pass`: one task
+        per worker thread, each leaf on the owner of its chunk, parameters
+        scattered when large, the same bits on any cluster.
+        """
+        if not leaves or any(not leaf for leaf in leaves):
+            raise ValueError("a local SGD round needs leaves of at least one piece")
 
-        token = uuid.uuid4().hex[:12]
-        futures = []
-        for name, leaves in sorted(assignment.items()):
-            w = by_name[name]
-            for t, part in enumerate(_split(leaves, w.nthreads)):
-                futures.append(
-                    self.client.submit(
-                        compute_leaves,
+        def once() -> PassResult:
+            t0 = time.perf_counter()
+            start = {
+                "params": {k: np.asarray(v) for k, v in params.items()},
+                "opt_state": {k: np.asarray(v) for k, v in opt_state.items()},
+            }
+            nbytes = sum(v.nbytes for part in start.values() for v in part.values())
+            # Sync point (large parameters): one upload per round.
+            shared = self.scatter_if_large(start, nbytes)
+            futures = self.submit_leaf_tasks(
+                ref,
+                [leaf[0] for leaf in leaves],
+                placement_chunks,
+                "local",
+                lambda part: (
+                    local_sgd_leaves,
+                    (
                         ref,
                         model,
-                        param_arg,
-                        [(leaf, pieces[leaf]) for leaf in part],
-                        n_leaves,
-                        with_grads=with_grads,
-                        nonfinite=nonfinite,
-                        key=f"dasktrain-pass-{token}-{name}-{t}",
-                        workers=[w.address],
-                        allow_other_workers=True,
-                        retries=TASK_RETRIES,
-                        pure=False,
-                    )
-                )
-        # Sync point: wait for every task of the pass, then gather its small
-        # results (one or a few partials per task).
-        try:
-            results = self.client.gather(futures)
-        except Exception:
-            # Sync point (failures only): let the other tasks finish, so the
-            # error reported does not depend on which task failed first.
-            wait(futures)
-            _raise_first_error(futures, n_leaves)
-            raise
-        known: dict[Node, Partial] = {}
-        reports: list[TaskReport] = []
-        for nodes, report in results:
-            known.update(nodes)
-            reports.append(report)
-        # Partials of a diverging run may hold inf; the trainer checks the
-        # reduced values and raises DivergenceError, so no warnings here.
-        with np.errstate(over="ignore", invalid="ignore"):
-            partial = tree_reduce(known, n_leaves)
-        return PassResult(partial, time.perf_counter() - t0, reports)
+                        optimizer,
+                        shared,
+                        [(i, tuple(leaves[i])) for i in part],
+                        len(leaves),
+                    ),
+                    {"nonfinite": nonfinite},
+                ),
+            )
+            return self._reduce(futures, len(leaves), t0)
+
+        return self.retrying(f"a local SGD round over {ref.url}", once)
 
 
 def _raise_first_error(futures: Sequence[Future], n_leaves: int) -> None:
@@ -308,3 +501,60 @@ def _split(leaves: list[int], n: int) -> list[list[int]]:
     n = max(1, min(n, len(leaves)))
     bounds = np.linspace(0, len(leaves), n + 1).round().astype(int)
     return [leaves[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def local_sgd_rounds(
+    chunk_ids: Sequence[int],
+    chunk_n_rows: Callable[[int], int],
+    *,
+    batch_rows: int,
+    local_steps: int,
+    seed: int,
+    epoch: int,
+) -> list[list[tuple[Piece, ...]]]:
+    """The rounds of one epoch of local SGD.  A pure function.
+
+    Each chunk's rows are shuffled by ``(seed, epoch, chunk)`` and split into
+    ``ceil(rows / batch_rows)`` nearly equal minibatches (the slices of
+    :func:`~dasktrain.engine.plan.epoch_steps`; a chunk of at most
+    ``batch_rows`` rows is one minibatch in its natural order).  Round ``r``
+    holds, for each chunk in ``chunk_ids`` order that has any left, its
+    minibatches ``r * local_steps`` to ``(r + 1) * local_steps - 1``: one leaf
+    of the reduction tree per chunk.  So every row is visited once per epoch,
+    and ``local_steps`` at least a chunk's minibatch count makes one round
+    per epoch.
+
+    Examples
+    --------
+    >>> rounds = local_sgd_rounds([0, 1], lambda c: 10 if c == 0 else 4,
+    ...                           batch_rows=4, local_steps=2, seed=0, epoch=0)
+    >>> [[[(p.chunk_id, p.start, p.stop) for p in leaf] for leaf in r]
+    ...  for r in rounds]
+    [[[(0, 0, 3), (0, 3, 7)], [(1, 0, 4)]], [[(0, 7, 10)]]]
+    """
+    if batch_rows < 1 or local_steps < 1:
+        raise ValueError(
+            f"batch_rows and local_steps must be >= 1, got {batch_rows} and "
+            f"{local_steps}"
+        )
+    per_chunk: list[list[Piece]] = []
+    for c in chunk_ids:
+        n = chunk_n_rows(c)
+        if n <= batch_rows:
+            per_chunk.append([Piece(int(c), 0, n)])
+            continue
+        n_batches = math.ceil(n / batch_rows)
+        bounds = np.linspace(0, n, n_batches + 1).round().astype(int)
+        per_chunk.append(
+            [
+                Piece(int(c), int(a), int(b), (seed, epoch))
+                for a, b in itertools.pairwise(bounds)
+                if b > a
+            ]
+        )
+    n_rounds = max(math.ceil(len(batches) / local_steps) for batches in per_chunk)
+    rounds = []
+    for r in range(n_rounds):
+        window = slice(r * local_steps, (r + 1) * local_steps)
+        rounds.append([tuple(b[window]) for b in per_chunk if b[window]])
+    return rounds

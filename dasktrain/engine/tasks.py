@@ -8,28 +8,44 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from dasktrain._tree import global_norm
 from dasktrain.data.io import DatasetRef, check_finite, read_chunk
 from dasktrain.engine.cache import ChunkCache, worker_cache
 from dasktrain.engine.plan import Piece, row_permutation
 from dasktrain.errors import LabelError
 from dasktrain.models.base import Model
-from dasktrain.partial import Node, Partial, covering_nodes, reduce_node
+from dasktrain.optim.base import Optimizer, apply_updates, is_count
+from dasktrain.partial import (
+    Node,
+    Partial,
+    RowSparse,
+    covering_nodes,
+    reduce_node,
+    weighted_mean,
+    weighted_sum,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "FAILED_LEAF_ATTRIBUTE",
+    "LOCAL_GRAD_NORM_SUM",
+    "LOCAL_OBJECTIVE_SUM",
+    "LOCAL_STATE_PREFIX",
     "NONFINITE_POLICIES",
     "LoadedChunk",
     "TaskReport",
     "compute_leaves",
     "load_chunk",
+    "local_average",
+    "local_sgd_leaves",
+    "local_sums",
     "predict_chunk",
 ]
 
@@ -118,7 +134,12 @@ def load_chunk(
     return loaded, False
 
 
-def _batch(loaded: LoadedChunk, piece: Piece) -> dict[str, np.ndarray]:
+def _batch(
+    loaded: LoadedChunk, piece: Piece, order: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The rows of ``piece``; ``order``, if given, is the chunk's
+    :func:`row_permutation` for ``piece.shuffle`` (computed once by callers
+    that take many pieces of one chunk)."""
     n = next(iter(loaded.arrays.values())).shape[0]
     if (
         piece.shuffle is None
@@ -128,9 +149,9 @@ def _batch(loaded: LoadedChunk, piece: Piece) -> dict[str, np.ndarray]:
     ):
         return dict(loaded.arrays)
     if piece.shuffle is not None:
-        idx = row_permutation(piece.shuffle[0], piece.shuffle[1], piece.chunk_id, n)[
-            piece.start : piece.stop
-        ]
+        if order is None:
+            order = row_permutation(*piece.shuffle, piece.chunk_id, n)
+        idx = order[piece.start : piece.stop]
     else:
         idx = np.arange(piece.start, piece.stop)
     if loaded.valid is not None:
@@ -168,6 +189,58 @@ def _check_labels(
         )
 
 
+def worker_address() -> str:
+    """Address of the worker running this task ("local" outside a worker)."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except ValueError:
+        return "local"
+
+
+def leaf_partials(
+    ref: DatasetRef,
+    fields: Sequence[str],
+    leaves: Sequence[tuple[int, Piece]],
+    n_leaves: int,
+    compute: Callable[[Piece, LoadedChunk, bool], Partial],
+    *,
+    nonfinite: str = "raise",
+) -> tuple[dict[Node, Partial], TaskReport]:
+    """The skeleton of a leaf task: for each leaf, its chunk (from the worker
+    cache, or read and checked) and ``compute(piece, chunk, was_cached)``;
+    then the largest subtrees of the reduction tree this task holds
+    completely, pre-reduced.  An error is tagged with its leaf: the engine
+    reports the failure of the first leaf in tree order, whichever task
+    failed first."""
+    t0 = time.perf_counter()
+    cache = worker_cache()
+    hits = misses = n_rows = 0
+    known: dict[Node, Partial] = {}
+    for leaf, piece in leaves:
+        try:
+            loaded, was_hit = load_chunk(
+                ref, fields, piece.chunk_id, nonfinite=nonfinite, cache=cache
+            )
+            hits += was_hit
+            misses += not was_hit
+            part = compute(piece, loaded, was_hit)
+        except Exception as exc:
+            setattr(exc, FAILED_LEAF_ATTRIBUTE, leaf)
+            raise
+        known[(0, leaf)] = part
+        n_rows += part.n_rows
+    nodes = covering_nodes([leaf for leaf, _ in leaves], n_leaves)
+    # Partials of a diverging run may hold inf: checked by the trainer.
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = {node: reduce_node(node, n_leaves, known) for node in nodes}
+    report = TaskReport(
+        worker_address(), time.perf_counter() - t0, n_rows, hits, misses
+    )
+    return out, report
+
+
 def compute_leaves(
     ref: DatasetRef,
     model: Model,
@@ -180,45 +253,21 @@ def compute_leaves(
 ) -> tuple[dict[Node, Partial], TaskReport]:
     """Partials of the given leaves of the reduction tree, pre-reduced into the
     largest subtrees this task holds completely."""
-    t0 = time.perf_counter()
-    cache = worker_cache()
-    hits = misses = n_rows = 0
-    cast: dict[str, np.ndarray] | None = None
-    known: dict[Node, Partial] = {}
-    for leaf, piece in leaves:
-        try:
-            loaded, was_hit = load_chunk(
-                ref, model.fields, piece.chunk_id, nonfinite=nonfinite, cache=cache
-            )
-            hits += was_hit
-            misses += not was_hit
-            _check_labels(model, ref, piece.chunk_id, loaded)
-            batch = _batch(loaded, piece)
-            if cast is None:
-                dtype = batch["X"].dtype if "X" in batch else np.dtype(np.float64)
-                cast = {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
-            part = (
-                model.loss_and_grad(cast, batch)
-                if with_grads
-                else model.loss(cast, batch)
-            )
-        except Exception as exc:
-            # Tag the error with its leaf: the engine reports the failure of
-            # the first leaf in tree order, whichever task failed first.
-            setattr(exc, FAILED_LEAF_ATTRIBUTE, leaf)
-            raise
-        known[(0, leaf)] = part
-        n_rows += part.n_rows
-    nodes = covering_nodes([leaf for leaf, _ in leaves], n_leaves)
-    out = {node: reduce_node(node, n_leaves, known) for node in nodes}
-    try:
-        from distributed import get_worker
+    cast: dict[str, np.ndarray] = {}
 
-        address = get_worker().address
-    except ValueError:
-        address = "local"
-    report = TaskReport(address, time.perf_counter() - t0, n_rows, hits, misses)
-    return out, report
+    def compute(piece: Piece, loaded: LoadedChunk, was_hit: bool) -> Partial:
+        _check_labels(model, ref, piece.chunk_id, loaded)
+        batch = _batch(loaded, piece)
+        if not cast:
+            dtype = batch["X"].dtype if "X" in batch else np.dtype(np.float64)
+            cast.update({k: np.asarray(v, dtype=dtype) for k, v in params.items()})
+        if with_grads:
+            return model.loss_and_grad(cast, batch)
+        return model.loss(cast, batch)
+
+    return leaf_partials(
+        ref, model.fields, leaves, n_leaves, compute, nonfinite=nonfinite
+    )
 
 
 def predict_chunk(
@@ -234,3 +283,170 @@ def predict_chunk(
     X = loaded.arrays["X"]
     fn: Any = getattr(model, kind)
     return np.asarray(fn({k: np.asarray(v) for k, v in params.items()}, X))
+
+
+# -- local SGD ------------------------------------------------------------------
+#: Prefix of the optimizer state entries in a local-SGD leaf's sums (state
+#: keys and parameter names never contain ``/``, so the two cannot collide).
+LOCAL_STATE_PREFIX = "opt_state/"
+#: Metrics of a local-SGD leaf: sums over its local steps of ``rows * value``
+#: of the objective (data loss plus penalty) and of its gradient's norm, both
+#: at the parameters before each step.
+LOCAL_OBJECTIVE_SUM = "local_objective_sum"
+LOCAL_GRAD_NORM_SUM = "local_grad_norm_sum"
+
+
+def local_sums(
+    params: Mapping[str, np.ndarray],
+    opt_state: Mapping[str, np.ndarray],
+    n_rows: int,
+    *,
+    loss_sum: float = 0.0,
+    metrics: Mapping[str, float] | None = None,
+) -> Partial:
+    """A local-SGD leaf: its parameters and float optimizer state, weighted by
+    the rows it trained on (step counters are left out: see
+    :func:`dasktrain.optim.advance_counts`)."""
+    values = dict(params)
+    for k, v in opt_state.items():
+        if not is_count(v):
+            values[LOCAL_STATE_PREFIX + k] = v
+    return weighted_sum(values, n_rows, loss_sum=loss_sum, metrics=metrics)
+
+
+def local_average(
+    partial: Partial,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(params, float optimizer state)``: the row-weighted means of the
+    leaves summed by the tree (inverse of :func:`local_sums`)."""
+    mean = weighted_mean(partial)
+    params = {k: v for k, v in mean.items() if not k.startswith(LOCAL_STATE_PREFIX)}
+    state = {
+        k.removeprefix(LOCAL_STATE_PREFIX): v
+        for k, v in mean.items()
+        if k.startswith(LOCAL_STATE_PREFIX)
+    }
+    return params, state
+
+
+def _dense(grad: np.ndarray | RowSparse) -> np.ndarray:
+    if isinstance(grad, RowSparse):
+        return grad.to_dense().astype(np.float64)
+    return np.asarray(grad, dtype=np.float64)
+
+
+def _local_leaf(
+    ref: DatasetRef,
+    model: Model,
+    optimizer: Optimizer,
+    params: Mapping[str, np.ndarray],
+    opt_state: Mapping[str, np.ndarray],
+    pieces: Sequence[Piece],
+    cache: ChunkCache | None,
+    nonfinite: str,
+) -> tuple[Partial, int, int]:
+    """Run one local minibatch step per piece, in order, from ``params``;
+    returns the leaf's weighted sums, cache hits and misses."""
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    state = dict(opt_state)
+    hits = misses = n_rows = 0
+    loss_sum = objective_sum = grad_norm_sum = 0.0
+    metrics: dict[str, float] = {}
+    loaded_chunks: dict[int, LoadedChunk] = {}
+    orders: dict[tuple[int, tuple[int, int]], np.ndarray] = {}
+    for piece in pieces:
+        loaded = loaded_chunks.get(piece.chunk_id)
+        if loaded is None:
+            loaded, was_hit = load_chunk(
+                ref, model.fields, piece.chunk_id, nonfinite=nonfinite, cache=cache
+            )
+            hits += was_hit
+            misses += not was_hit
+            _check_labels(model, ref, piece.chunk_id, loaded)
+            loaded_chunks[piece.chunk_id] = loaded
+        order = None
+        if piece.shuffle is not None:
+            # One permutation per chunk, not per minibatch (it costs as much
+            # as a step).
+            key = (piece.chunk_id, piece.shuffle)
+            order = orders.get(key)
+            if order is None:
+                n_chunk = next(iter(loaded.arrays.values())).shape[0]
+                order = row_permutation(*piece.shuffle, piece.chunk_id, n_chunk)
+                orders[key] = order
+        batch = _batch(loaded, piece, order)
+        dtype = batch["X"].dtype if "X" in batch else np.dtype(np.float64)
+        cast = {k: v.astype(dtype) for k, v in p.items()}
+        part = model.loss_and_grad(cast, batch)
+        n = part.n_rows
+        if n == 0:
+            continue  # every row of the minibatch was skipped (NaN/inf)
+        penalty_grad = model.penalty_grad(p)
+        grads = {k: _dense(g) / n + penalty_grad[k] for k, g in part.grads.items()}
+        loss_sum += part.loss_sum
+        objective_sum += part.loss_sum + n * model.penalty(p)
+        grad_norm_sum += n * global_norm(grads)
+        for k, v in part.metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + v
+        updates, state = optimizer.update(grads, state, p)
+        p = apply_updates(p, updates)
+        n_rows += n
+    metrics[LOCAL_OBJECTIVE_SUM] = objective_sum
+    metrics[LOCAL_GRAD_NORM_SUM] = grad_norm_sum
+    return (
+        local_sums(p, state, n_rows, loss_sum=loss_sum, metrics=metrics),
+        hits,
+        misses,
+    )
+
+
+def local_sgd_leaves(
+    ref: DatasetRef,
+    model: Model,
+    optimizer: Optimizer,
+    start: Mapping[str, Mapping[str, np.ndarray]],
+    leaves: Sequence[tuple[int, Sequence[Piece]]],
+    n_leaves: int,
+    *,
+    nonfinite: str = "raise",
+) -> tuple[dict[Node, Partial], TaskReport]:
+    """One round of local SGD for the given leaves of the reduction tree.
+
+    Each leaf starts from ``start["params"]`` and ``start["opt_state"]``, runs
+    one ``optimizer`` step per piece (a minibatch, in order) and yields
+    :func:`local_sums` of its final parameters and state, with the data loss,
+    objective and gradient norm seen during its steps.  Leaves are
+    pre-reduced into the largest subtrees this task holds completely.
+    """
+    t0 = time.perf_counter()
+    cache = worker_cache()
+    hits = misses = n_rows = 0
+    known: dict[Node, Partial] = {}
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        # A diverging run makes parameters non-finite: the client checks the
+        # averaged values and raises DivergenceError.
+        for leaf, pieces in leaves:
+            try:
+                part, leaf_hits, leaf_misses = _local_leaf(
+                    ref,
+                    model,
+                    optimizer,
+                    start["params"],
+                    start["opt_state"],
+                    pieces,
+                    cache,
+                    nonfinite,
+                )
+            except Exception as exc:
+                setattr(exc, FAILED_LEAF_ATTRIBUTE, leaf)
+                raise
+            known[(0, leaf)] = part
+            hits += leaf_hits
+            misses += leaf_misses
+            n_rows += part.n_rows
+        nodes = covering_nodes([leaf for leaf, _ in leaves], n_leaves)
+        out = {node: reduce_node(node, n_leaves, known) for node in nodes}
+    report = TaskReport(
+        worker_address(), time.perf_counter() - t0, n_rows, hits, misses
+    )
+    return out, report

@@ -19,7 +19,9 @@ from dasktrain.optim.base import (
     Optimizer,
     OptState,
     Params,
+    advance_counts,
     apply_updates,
+    is_count,
     optimizer_from_config,
 )
 from dasktrain.optim.lbfgs import (
@@ -74,11 +76,13 @@ __all__ = [
     "WarmupCosine",
     "WolfeLineSearch",
     "add_decayed_weights",
+    "advance_counts",
     "apply_updates",
     "as_schedule",
     "chain",
     "clip_by_global_norm",
     "decays_weight",
+    "is_count",
     "minimize_lbfgs",
     "optimizer_from_config",
     "scale_by_adam",

@@ -25,7 +25,9 @@ __all__ = [
     "OptState",
     "Optimizer",
     "Params",
+    "advance_counts",
     "apply_updates",
+    "is_count",
     "optimizer_from_config",
     "register",
 ]
@@ -55,6 +57,35 @@ def apply_updates(
 ) -> Params:
     """``params + updates``, name by name."""
     return {k: np.asarray(params[k] + updates[k], dtype=np.float64) for k in params}
+
+
+def is_count(value: np.ndarray) -> bool:
+    """Whether a state entry is a step counter (the chain members' 0-d int64
+    ``"count"`` entries); every other entry is a float array."""
+    return np.asarray(value).dtype.kind in "iu"
+
+
+def advance_counts(state: Mapping[str, np.ndarray], n_steps: int) -> OptState:
+    """``state`` with every step counter (see :func:`is_count`) advanced by
+    ``n_steps``; other entries are returned unchanged.
+
+    Local SGD averages the float state of its workers' optimizers and moves
+    the counters on by the round's local steps, so learning-rate schedules
+    count local steps.
+
+    Examples
+    --------
+    >>> state = {"0.count": np.zeros((), dtype=np.int64), "0.mu.w": np.ones(2)}
+    >>> new = advance_counts(state, 5)
+    >>> int(new["0.count"]), new["0.mu.w"]
+    (5, array([1., 1.]))
+    """
+    if n_steps < 0:
+        raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+    return {
+        k: np.asarray(v + n_steps, dtype=np.asarray(v).dtype) if is_count(v) else v
+        for k, v in state.items()
+    }
 
 
 class Optimizer(ABC):

@@ -221,3 +221,111 @@ def test_cache_evicts_other_stores_least_recent_first() -> None:
     assert cache.put("val", 3, 40, group="val")
     assert cache.get("old2") is None and cache.get("old1") == 1
     assert cache.stats().evictions == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 50), min_size=1, max_size=8),
+    batch_rows=st.integers(1, 60),
+    local_steps=st.integers(1, 6),
+)
+def test_local_sgd_rounds_visit_every_row_once_per_epoch(
+    sizes: list[int], batch_rows: int, local_steps: int
+) -> None:
+    from dasktrain.engine.engine import local_sgd_rounds
+
+    chunk_ids = [3 * i + 1 for i in range(len(sizes))]
+    n_rows = dict(zip(chunk_ids, sizes, strict=True))
+    rounds = local_sgd_rounds(
+        chunk_ids,
+        n_rows.__getitem__,
+        batch_rows=batch_rows,
+        local_steps=local_steps,
+        seed=5,
+        epoch=2,
+    )
+    covered: dict[int, list[int]] = {c: [] for c in chunk_ids}
+    for leaves in rounds:
+        assert leaves, "no empty rounds"
+        heads = [leaf[0].chunk_id for leaf in leaves]
+        # One leaf per chunk, in the dataset's chunk order.
+        assert heads == sorted(heads, key=chunk_ids.index)
+        assert len(set(heads)) == len(heads)
+        for leaf in leaves:
+            assert 1 <= len(leaf) <= local_steps
+            assert {p.chunk_id for p in leaf} == {leaf[0].chunk_id}
+            for p in leaf:
+                assert 1 <= p.n_rows <= batch_rows
+                covered[p.chunk_id].extend(range(p.start, p.stop))
+    for c, rows in covered.items():
+        assert rows == list(range(n_rows[c])), c
+    n_batches = max(-(-n // batch_rows) for n in sizes)
+    assert len(rounds) == -(-n_batches // local_steps)
+    again = local_sgd_rounds(
+        chunk_ids,
+        n_rows.__getitem__,
+        batch_rows=batch_rows,
+        local_steps=local_steps,
+        seed=5,
+        epoch=2,
+    )
+    assert again == rounds
+
+
+def test_local_sgd_rounds_reject_bad_sizes() -> None:
+    from dasktrain.engine.engine import local_sgd_rounds
+
+    for batch_rows, local_steps in ((0, 1), (10, 0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            local_sgd_rounds(
+                [0],
+                lambda c: 10,
+                batch_rows=batch_rows,
+                local_steps=local_steps,
+                seed=0,
+                epoch=0,
+            )
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 40), data=st.data())
+def test_weighted_mean_is_the_row_weighted_average_on_any_split(
+    n: int, data: st.DataObject
+) -> None:
+    from dasktrain.partial import weighted_mean, weighted_sum
+
+    rng = np.random.default_rng(n)
+    values = [rng.normal(size=(3, 2)) * 10.0 ** rng.integers(-3, 3) for _ in range(n)]
+    weights = [int(w) for w in rng.integers(0, 70_000, size=n)]
+    weights[0] += 1  # at least one row
+    parts = [
+        weighted_sum({"w": v, "s": v[0, 0]}, w, loss_sum=float(w) * 0.5)
+        for v, w in zip(values, weights, strict=True)
+    ]
+    whole = tree_reduce(parts)
+    mean = weighted_mean(whole)
+    np.testing.assert_allclose(
+        mean["w"], np.average(values, axis=0, weights=weights), rtol=1e-12
+    )
+    assert mean["s"].shape == () and mean["w"].dtype == np.float64
+    assert whole.n_rows == sum(weights) and whole.mean_loss() == 0.5
+    # Held subtrees, as a task would pre-reduce them: the same bits.
+    cut = sorted(data.draw(st.sets(st.integers(1, n - 1))) if n > 1 else set())
+    known = {}
+    for a, b in itertools.pairwise([0, *cut, n]):
+        for node in covering_nodes(range(a, b), n):
+            known[node] = reduce_node(node, n, {(0, j): parts[j] for j in range(a, b)})
+    for k, v in weighted_mean(tree_reduce(known, n)).items():
+        assert np.array_equal(v, mean[k])
+
+
+def test_weighted_mean_edge_cases() -> None:
+    from dasktrain.partial import weighted_mean, weighted_sum
+
+    empty = weighted_mean(weighted_sum({"w": np.ones(2)}, 0))
+    assert np.isnan(empty["w"]).all()
+    with pytest.raises(ValueError, match="n_rows must be >= 0"):
+        weighted_sum({"w": np.ones(2)}, -1)
+    sparse = Partial(0.0, {"e": RowSparse(np.array([0]), np.ones((1, 2)), (3, 2))}, 1)
+    with pytest.raises(TypeError, match="row-sparse"):
+        weighted_mean(sparse)

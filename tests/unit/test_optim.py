@@ -708,3 +708,27 @@ def test_line_search_never_accepts_a_step_without_decrease() -> None:
         alpha = ls.next_alpha()
         ls.observe(alpha, 1.0, -1e-20)  # flat: f == f0 at every step
     assert not ls.result.accepted
+
+
+@table
+def test_advance_counts_moves_only_the_step_counters(case: Case) -> None:
+    from dasktrain.optim import advance_counts, is_count
+
+    opt = case.make(case.quadratic_lr)
+    params = {"w": np.array([1.0, -2.0]), "b": np.array(0.5)}
+    state = opt.init(params)
+    for _ in range(3):
+        _, state = opt.update(params, state, params)
+    moved = advance_counts(state, 4)
+    assert moved.keys() == state.keys()
+    for k, v in state.items():
+        if is_count(v):
+            assert moved[k].dtype == np.int64 and int(moved[k]) == int(v) + 4, k
+        else:
+            assert moved[k] is v, k
+    assert any(is_count(v) for v in state.values())
+    # The learning rate the next update uses follows the advanced counter.
+    updates, _ = opt.update(params, moved, params)
+    assert all(np.all(np.isfinite(u)) for u in updates.values())
+    with pytest.raises(ValueError, match="n_steps must be >= 0"):
+        advance_counts(state, -1)
