@@ -15,7 +15,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -27,11 +26,24 @@ import numpy as np
 from dasktrain._tree import flatten, global_norm, unflatten
 from dasktrain.callbacks import Callback, EarlyStopping, ProgressBar
 from dasktrain.data import Dataset
-from dasktrain.engine.cache import DEFAULT_CACHE_FRACTION
+from dasktrain.engine.cache import DEFAULT_CACHE_FRACTION, worker_cache
 from dasktrain.engine.cluster import ClientHandle, get_client
-from dasktrain.engine.engine import Engine, PassResult
-from dasktrain.engine.plan import epoch_steps, full_pass
-from dasktrain.engine.tasks import NONFINITE_POLICIES
+from dasktrain.engine.engine import Engine, PassResult, local_sgd_rounds
+from dasktrain.engine.plan import Piece, epoch_steps, full_pass
+from dasktrain.engine.sharded import (
+    ShardedEngine,
+    ShardedPassResult,
+    StepHandle,
+    predict_sparse_chunk,
+    table_layouts,
+)
+from dasktrain.engine.tasks import (
+    LOCAL_GRAD_NORM_SUM,
+    LOCAL_OBJECTIVE_SUM,
+    NONFINITE_POLICIES,
+    load_chunk,
+    local_average,
+)
 from dasktrain.errors import (
     ConfigMismatchError,
     DataValidationError,
@@ -40,9 +52,18 @@ from dasktrain.errors import (
 )
 from dasktrain.history import History
 from dasktrain.models.base import Model, model_from_config
-from dasktrain.optim import LBFGS, Optimizer, apply_updates, optimizer_from_config
+from dasktrain.models.sparse import SparseModel
+from dasktrain.optim import (
+    LBFGS,
+    Optimizer,
+    advance_counts,
+    apply_updates,
+    is_count,
+    optimizer_from_config,
+)
 from dasktrain.params import ParamStore
-from dasktrain.partial import Partial
+from dasktrain.params.tables import PARAM, TableLayout, open_table_array, read_rows
+from dasktrain.partial import Partial, RowSparse
 from dasktrain.schema import Schema
 
 logger = logging.getLogger(__name__)
@@ -52,6 +73,9 @@ __all__ = ["Trainer"]
 #: Topic of the events the trainer logs to the Dask scheduler (one per step).
 EVENT_TOPIC = "dasktrain"
 STORE_FORMAT_META_KEYS = ("model", "optimizer", "seed", "schema", "progress")
+#: With ``sharded=None``, tables of a SparseModel larger than this in total
+#: are kept in row shards of the store; smaller ones are dense parameters.
+DENSE_TABLE_LIMIT_BYTES = 64 << 20
 
 
 @dataclass
@@ -64,10 +88,15 @@ class _Run:
     epoch: int = 0  # epochs completed
     epoch_step: int = 0  # steps done in the current, incomplete epoch
     batch_rows: int | None = None
+    local_steps: int | None = None  # local SGD: local steps per round
     status: str = "new"
     history: History = field(default_factory=History)
     callbacks: dict[str, Any] = field(default_factory=dict)
     dataset: dict[str, Any] = field(default_factory=dict)
+    #: sharded tables (empty: every parameter is dense, in ``params``)
+    tables: list[TableLayout] = field(default_factory=list)
+    #: the version whose tables hold this run's current values
+    table_step: int | None = None
 
 
 class Trainer:
@@ -118,6 +147,8 @@ class Trainer:
         seed: int = 0,
         keep_versions: int = 3,
         cache_fraction: float = DEFAULT_CACHE_FRACTION,
+        sharded: bool | None = None,
+        shard_rows: int | None = None,
     ) -> None:
         if not isinstance(model, Model):
             raise TypeError(
@@ -130,6 +161,24 @@ class Trainer:
             )
         if keep_versions < 1:
             raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
+        if sharded and not isinstance(model, SparseModel):
+            raise ValueError(
+                f"sharded=True needs a model with tables (MatrixFactorization, "
+                f"SparseLogisticRegression), not {type(model).__name__}"
+            )
+        if shard_rows is not None and (
+            not isinstance(shard_rows, int | np.integer)
+            or isinstance(shard_rows, bool)
+            or shard_rows < 1
+        ):
+            raise ValueError(
+                f"shard_rows must be a positive integer, got {shard_rows!r}"
+            )
+        if isinstance(model, SparseModel) and sharded is None:
+            total = sum(t.nbytes for t in model.tables().values())
+            sharded = total > DENSE_TABLE_LIMIT_BYTES
+        self.sharded = bool(sharded)
+        self.shard_rows = None if shard_rows is None else int(shard_rows)
         self.model = model
         self.optimizer = optimizer
         self.store_path = os.fspath(store)
@@ -142,6 +191,7 @@ class Trainer:
             self._check_store_matches(ParamStore.open(self.store_path))
         self._handle: ClientHandle = get_client(client)
         self._engine = Engine(self._handle.client, cache_fraction=cache_fraction)
+        self._sharded_engine = ShardedEngine(self._engine)
 
     # -- construction from a store ---------------------------------------------
     @classmethod
@@ -160,6 +210,7 @@ class Trainer:
             model = model_from_config(meta["model"])
             optimizer = optimizer_from_config(meta["optimizer"])
             seed = int(meta["seed"])
+            sharded = bool(ps.table_layouts())
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(
                 f"parameter store {os.fspath(store)!r} does not describe a run: {exc}"
@@ -172,6 +223,7 @@ class Trainer:
             seed=seed,
             keep_versions=ps.keep_versions,
             cache_fraction=cache_fraction,
+            sharded=sharded,
         )
 
     def _check_store_matches(self, ps: ParamStore) -> None:
@@ -213,7 +265,14 @@ class Trainer:
         """Current parameters (name -> numpy array): the last step of this
         session, or else the store's committed version."""
         run = self._current_run()
-        return {k: v.copy() for k, v in run.params.items()}
+        out: dict[str, Any] = {k: v.copy() for k, v in run.params.items()}
+        if run.tables:
+            assert run.table_step is not None
+            for layout in run.tables:
+                out[layout.name] = open_table_array(
+                    self.store_path, run.table_step, layout.name, PARAM
+                )
+        return out
 
     @property
     def history(self) -> History:
@@ -247,6 +306,7 @@ class Trainer:
         version = ps.read()
         meta = ps.meta
         prog = meta.get("progress", {})
+        tables = list(ps.table_layouts(version.step).values())
         self._schema = Schema.from_json(meta["schema"]) if "schema" in meta else None
         return _Run(
             params={k: np.asarray(v) for k, v in version.params.items()},
@@ -255,10 +315,13 @@ class Trainer:
             epoch=int(prog.get("epoch", 0)),
             epoch_step=int(prog.get("epoch_step", 0)),
             batch_rows=prog.get("batch_rows"),
+            local_steps=prog.get("local_steps"),
             status=str(meta.get("status", "running")),
             history=History(meta.get("history", [])),
             callbacks=dict(meta.get("callbacks", {})),
             dataset=dict(meta.get("dataset", {})),
+            tables=tables,
+            table_step=version.step if tables else None,
         )
 
     def _meta(self, run: _Run) -> dict[str, Any]:
@@ -273,6 +336,7 @@ class Trainer:
                 "epoch": run.epoch,
                 "epoch_step": run.epoch_step,
                 "batch_rows": run.batch_rows,
+                "local_steps": run.local_steps,
             },
             "status": run.status,
             "dataset": run.dataset,
@@ -281,8 +345,23 @@ class Trainer:
             "writer": {"host": socket.gethostname(), "pid": os.getpid()},
         }
 
-    def _commit(self, ps: ParamStore, run: _Run) -> None:
-        ps.commit(run.step, run.params, run.opt_state, self._meta(run))
+    def _commit(
+        self, ps: ParamStore, run: _Run, *, protect: set[int] | None = None
+    ) -> None:
+        if run.tables:
+            # The version of this step holds the tables already (see
+            # _fit_sharded); add the dense arrays and make it the committed one.
+            assert run.table_step == run.step
+            ps.commit(
+                run.step,
+                run.params,
+                run.opt_state,
+                self._meta(run),
+                prepared=True,
+                protect=protect or set(),
+            )
+        else:
+            ps.commit(run.step, run.params, run.opt_state, self._meta(run))
         logger.debug("committed step %d to %s", run.step, self.store_path)
 
     def _open_for_fit(self, data: Dataset) -> ParamStore:
@@ -300,6 +379,12 @@ class Trainer:
         if ps.committed is not None:
             run = self._load(ps)
             assert self._schema is not None
+            if bool(run.tables) != self.sharded:
+                raise ConfigMismatchError(
+                    f"parameter store {self.store_path!r} keeps the model's tables "
+                    f"{'sharded' if run.tables else 'dense'}; create the Trainer with "
+                    f"sharded={bool(run.tables)} (or use Trainer.resume)"
+                )
             if self._schema.n_features != data.schema.n_features:
                 raise ConfigMismatchError(
                     f"parameter store {self.store_path!r} holds a model for "
@@ -318,6 +403,8 @@ class Trainer:
         # A fresh run: initialize parameters and commit them as step 0.
         self._schema = data.schema
         rng = np.random.default_rng([self.seed, 0xD7])
+        if self.sharded:
+            return self._start_sharded_run(ps, data, rng)
         params = {
             k: np.asarray(v, dtype=np.float64)
             for k, v in self.model.init(rng, data.schema).items()
@@ -343,6 +430,8 @@ class Trainer:
         checkpoint_seconds: float = 60.0,
         on_nonfinite: str = "raise",
         progress: bool = True,
+        local_steps: int | None = None,
+        staleness: int = 0,
     ) -> History:
         """Train until the run has completed ``epochs`` epochs in total.
 
@@ -372,6 +461,31 @@ class Trainer:
             error naming the chunk and row; ``"skip"``: such rows are dropped.
         progress:
             Show a progress bar.
+        local_steps:
+            Local SGD (model averaging): ``None`` (default) for synchronous
+            steps.  An integer ``K`` makes each step a *round*: every chunk of
+            ``data`` starts from the current parameters and optimizer state,
+            runs ``K`` minibatch steps of ``batch_rows`` rows (required) over
+            its own shuffled rows, on the worker that caches it; the chunks'
+            parameters and float optimizer state are then averaged, weighted
+            by the rows each trained on, through the fixed reduction tree
+            (same bits on any cluster).  Step counters (hence learning-rate
+            schedules) advance by the round's local steps.  An epoch visits
+            every row once: ``ceil(minibatches per chunk / K)`` rounds, so a
+            ``K`` of at least ``ceil(chunk_rows / batch_rows)`` makes one
+            round per epoch.  A history row is a round; its ``loss``,
+            ``objective`` and ``grad_norm`` are means over the round's local
+            steps (each measured before its step).  Not for
+            :class:`~dasktrain.optim.LBFGS` or sparse models.
+        staleness:
+            Models with sharded tables only: ``0`` (default) runs synchronous
+            steps.  ``k > 0`` pipelines steps: step ``s`` computes its
+            gradients with the parameters after step ``s - 1 - k`` while the
+            workers still apply steps ``s - k .. s - 1``, overlapping
+            computation and table updates.  Updates are applied in order,
+            and which parameters a step reads depends on ``k`` only, so
+            results remain reproducible for a given ``k`` (but differ from
+            ``k = 0``).  Each epoch's last steps drain the pipeline.
 
         Returns
         -------
@@ -379,6 +493,17 @@ class Trainer:
             All steps of the run (including earlier sessions').
         """
         self._check_fit_args(data, epochs, batch_rows, validation, checkpoint_every)
+        self._check_local_steps(local_steps, batch_rows)
+        if (
+            not isinstance(staleness, int | np.integer)
+            or isinstance(staleness, bool)
+            or staleness < 0
+        ):
+            raise ValueError(f"staleness must be an integer >= 0, got {staleness!r}")
+        if staleness and not self.sharded:
+            raise ValueError(
+                "staleness applies to models with sharded tables (sharded=True)"
+            )
         _check_nonfinite_policy(on_nonfinite)
         self.model.check_schema(data.schema)
         if validation is not None:
@@ -405,6 +530,8 @@ class Trainer:
                     checkpoint_seconds,
                     on_nonfinite,
                     progress,
+                    local_steps,
+                    staleness=int(staleness),
                 )
             except BaseException:
                 if created and (self._run is None or self._run.step == 0):
@@ -418,21 +545,11 @@ class Trainer:
                     self._run = None
 
     def _discard_new_store(self, ps: ParamStore) -> None:
-        """Delete the contents of a store created by the failing fit (the
-        caller holds its lock; the emptied directory goes with the lock)."""
-        root = os.path.abspath(ps.path)
-        for name in os.listdir(root):
-            if "dasktrain-lock" in name:
-                continue
-            full = os.path.join(root, name)
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(full)
+        """Delete a store created by the failing fit (the caller holds its
+        lock, which goes last; local path or URL alike)."""
+        with contextlib.suppress(StoreError):
+            ps.remove()
         ps.release()
-        with contextlib.suppress(OSError):
-            os.rmdir(root)
         logger.info("removed %s: the fit that created it failed", self.store_path)
 
     def _fit_locked(
@@ -447,12 +564,21 @@ class Trainer:
         checkpoint_seconds: float,
         on_nonfinite: str,
         progress: bool,
+        local_steps: int | None = None,
+        *,
+        staleness: int = 0,
     ) -> History:
         """The body of :meth:`fit`, run while holding the store's lock."""
         ps.cleanup()
         run = self._start_run(ps, data)
         self._run = run
         self._check_resumable(run, data, batch_rows)
+        if run.epoch_step != 0 and run.local_steps != local_steps:
+            raise ConfigMismatchError(
+                f"parameter store {self.store_path!r} stopped in the middle of epoch "
+                f"{run.epoch + 1} with local_steps={run.local_steps}; continue it "
+                f"with the same local_steps (the rounds of an epoch depend on it)"
+            )
         for cb in all_callbacks:
             saved = run.callbacks.get(type(cb).__name__)
             if saved is not None:
@@ -466,12 +592,17 @@ class Trainer:
             )
             return run.history
         run.batch_rows = batch_rows
+        run.local_steps = None if local_steps is None else int(local_steps)
         run.dataset = _dataset_meta(data)
         # A finished run continued to more epochs is running again (its status
         # decides when versions are committed).
         run.status = "running"
         if progress:
-            steps_per_epoch = self._steps_per_epoch(data, batch_rows)
+            steps_per_epoch = (
+                self._steps_per_epoch(data, batch_rows)
+                if local_steps is None or batch_rows is None
+                else len(self._local_rounds(data, batch_rows, local_steps, 0))
+            )
             all_callbacks.insert(
                 0,
                 ProgressBar(
@@ -483,7 +614,36 @@ class Trainer:
         for cb in all_callbacks:
             cb.on_fit_begin(self)
         try:
-            if isinstance(self.optimizer, LBFGS):
+            if run.tables:
+                self._fit_sharded(
+                    ps,
+                    run,
+                    data,
+                    epochs,
+                    batch_rows,
+                    validation,
+                    all_callbacks,
+                    checkpoint_every,
+                    checkpoint_seconds,
+                    on_nonfinite,
+                    staleness,
+                )
+            elif local_steps is not None:
+                assert batch_rows is not None
+                self._fit_local(
+                    ps,
+                    run,
+                    data,
+                    epochs,
+                    batch_rows,
+                    local_steps,
+                    validation,
+                    all_callbacks,
+                    checkpoint_every,
+                    checkpoint_seconds,
+                    on_nonfinite,
+                )
+            elif isinstance(self.optimizer, LBFGS):
                 self._fit_lbfgs(
                     ps,
                     run,
@@ -631,9 +791,18 @@ class Trainer:
         with np.errstate(over="ignore", invalid="ignore"):
             loss = partial.loss_sum / n
             objective = loss + self.model.penalty(dict(params))
+            if isinstance(self.model, SparseModel):
+                # The per-occurrence penalty of sparse models is a batch sum.
+                objective += partial.metrics.get("penalty", 0.0) / n
             pgrad = self.model.penalty_grad(dict(params))
             grads = {
-                k: np.asarray(g, dtype=np.float64) / n + pgrad[k]
+                k: (
+                    g.to_dense()
+                    if isinstance(g, RowSparse)
+                    else np.asarray(g, np.float64)
+                )
+                / n
+                + pgrad[k]
                 for k, g in partial.grads.items()
             }
         bad = [k for k, g in grads.items() if not np.all(np.isfinite(g))]
@@ -751,67 +920,250 @@ class Trainer:
                             f"good version. Lower the learning rate or add gradient "
                             f"clipping."
                         )
-                    lr = self.optimizer.learning_rate_at(run.step)
-                    seconds = time.perf_counter() - t0
-                    row = {
-                        "step": run.step + 1,
-                        "epoch": run.epoch + 1,
-                        "loss": loss,
-                        "objective": objective,
-                        "grad_norm": grad_norm,
-                        "learning_rate": lr,
-                        "rows": res.partial.n_rows,
-                        "rows_per_s": res.partial.n_rows / seconds
-                        if seconds > 0
-                        else math.nan,
-                        "seconds": seconds,
-                        **{
-                            f"train_{k}": v
-                            for k, v in self.model.summarize(res.partial).items()
-                            if k != "loss"
-                        },
-                        "cache_hit_rate": _hit_rate(res),
-                    }
+                    row = self._step_row(
+                        run,
+                        res,
+                        loss=loss,
+                        objective=objective,
+                        grad_norm=grad_norm,
+                        learning_rate=self.optimizer.learning_rate_at(run.step),
+                        seconds=time.perf_counter() - t0,
+                    )
                     end_of_epoch = run.epoch_step + 1 == len(plan)
                     if end_of_epoch:
                         # Validate before the run moves on: if this fails, the
                         # run (and what the store gets) stays at the last step.
                         self._validate(row, params, validation, on_nonfinite)
-                    # Step: the run advances by one step and gets its history
-                    # row even if a callback raises (a consistent run to
-                    # commit).
-                    run.params, run.opt_state = params, opt_state
-                    run.step += 1
-                    run.epoch_step += 1
-                    if end_of_epoch:
-                        run.epoch += 1
-                        run.epoch_step = 0
-                    try:
-                        if end_of_epoch:
-                            self._epoch_callbacks(run, row, callbacks)
-                    finally:
-                        run.history.append(row)
-                    self._log_row(row, callbacks)
-                    if run.epoch >= epochs:
-                        run.status = "finished"
-                    elif self.stop_training:
-                        run.status = "stopped"
+                    self._advance(
+                        run, row, params, opt_state, end_of_epoch, epochs, callbacks
+                    )
                     # Checkpoint: commit when due (a new version, then one
                     # metadata write), and always at the end of the fit.
-                    now = time.monotonic()
-                    if (
-                        run.status != "running"
-                        or (
-                            checkpoint_every is not None
-                            and run.step % checkpoint_every == 0
-                        )
-                        or now - last_commit >= checkpoint_seconds
+                    if self._commit_due(
+                        run, checkpoint_every, checkpoint_seconds, last_commit
                     ):
                         self._commit(ps, run)
-                        committed_step, last_commit = run.step, now
+                        committed_step, last_commit = run.step, time.monotonic()
         finally:
             # On an error or Ctrl-C, keep the steps computed since the last
             # commit: ``run`` only ever holds checked, finite states.
+            if run.step > committed_step:
+                self._commit(ps, run)
+
+    def _step_row(
+        self,
+        run: _Run,
+        res: PassResult | ShardedPassResult,
+        *,
+        loss: float,
+        objective: float,
+        grad_norm: float,
+        learning_rate: float,
+        seconds: float,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """The history row of the step that follows ``run``'s last one."""
+        n = res.partial.n_rows
+        return {
+            "step": run.step + 1,
+            "epoch": run.epoch + 1,
+            "loss": loss,
+            "objective": objective,
+            "grad_norm": grad_norm,
+            "learning_rate": learning_rate,
+            "rows": n,
+            "rows_per_s": n / seconds if seconds > 0 else math.nan,
+            "seconds": seconds,
+            **{k: v for k, v in extra.items() if k == "local_steps"},
+            **{
+                f"train_{k}": v
+                for k, v in self.model.summarize(res.partial).items()
+                if k != "loss"
+            },
+            "cache_hit_rate": _hit_rate(res),
+            **{k: v for k, v in extra.items() if k != "local_steps"},
+        }
+
+    def _advance(
+        self,
+        run: _Run,
+        row: dict[str, Any],
+        params: dict[str, np.ndarray],
+        opt_state: dict[str, np.ndarray],
+        end_of_epoch: bool,
+        epochs: int,
+        callbacks: Sequence[Callback],
+    ) -> None:
+        """Move the run on by one step.  It gets its history row even if a
+        callback raises (a consistent run to commit)."""
+        run.params, run.opt_state = params, opt_state
+        run.step += 1
+        run.epoch_step += 1
+        if end_of_epoch:
+            run.epoch += 1
+            run.epoch_step = 0
+        try:
+            if end_of_epoch:
+                self._epoch_callbacks(run, row, callbacks)
+        finally:
+            run.history.append(row)
+        self._log_row(row, callbacks)
+        if run.epoch >= epochs:
+            run.status = "finished"
+        elif self.stop_training:
+            run.status = "stopped"
+
+    @staticmethod
+    def _commit_due(
+        run: _Run,
+        checkpoint_every: int | None,
+        checkpoint_seconds: float,
+        last_commit: float,
+        in_flight: bool = False,
+    ) -> bool:
+        """A checkpoint is due: every ``checkpoint_every`` steps, after
+        ``checkpoint_seconds``, and when the run ends (once no step is in
+        flight)."""
+        return (
+            (run.status != "running" and not in_flight)
+            or (checkpoint_every is not None and run.step % checkpoint_every == 0)
+            or time.monotonic() - last_commit >= checkpoint_seconds
+        )
+
+    def _check_local_steps(self, local_steps: Any, batch_rows: Any) -> None:
+        if local_steps is None:
+            return
+        if (
+            not isinstance(local_steps, int | np.integer)
+            or isinstance(local_steps, bool)
+            or local_steps < 1
+        ):
+            raise ValueError(
+                f"local_steps must be a positive integer or None, got {local_steps!r}"
+            )
+        if batch_rows is None:
+            raise ValueError(
+                "local_steps needs batch_rows: the rows of each local minibatch step"
+            )
+        if self.optimizer.full_batch_only:
+            raise ValueError(
+                f"{type(self.optimizer).__name__} needs full-batch training; local "
+                f"SGD (local_steps) runs minibatch steps: use SGD, Adam, AdamW or "
+                f"Adagrad"
+            )
+        if self.sharded or isinstance(self.model, SparseModel):
+            raise ValueError(
+                f"local_steps (model averaging) is not supported for "
+                f"{type(self.model).__name__}: averaging embedding tables dilutes "
+                f"the updates of rows few chunks touch; use local_steps=None"
+            )
+
+    def _local_rounds(
+        self, data: Dataset, batch_rows: int, local_steps: int, epoch: int
+    ) -> list[list[tuple[Piece, ...]]]:
+        return local_sgd_rounds(
+            data.chunk_ids,
+            data.chunk_n_rows,
+            batch_rows=batch_rows,
+            local_steps=local_steps,
+            seed=self.seed,
+            epoch=epoch,
+        )
+
+    def _fit_local(
+        self,
+        ps: ParamStore,
+        run: _Run,
+        data: Dataset,
+        epochs: int,
+        batch_rows: int,
+        local_steps: int,
+        validation: Dataset | None,
+        callbacks: Sequence[Callback],
+        checkpoint_every: int | None,
+        checkpoint_seconds: float,
+        on_nonfinite: str,
+    ) -> None:
+        """Local SGD: each step of the run is a round in which every chunk runs
+        ``local_steps`` minibatch steps from the current point on its worker,
+        then the chunks' parameters and float optimizer state are averaged by
+        the fixed tree, weighted by rows (see ``fit(local_steps=...)``)."""
+        last_commit = time.monotonic()
+        committed_step = run.step
+        try:
+            while run.epoch < epochs and not self.stop_training:
+                # Plan: the epoch's rounds are a pure function of (seed, epoch).
+                plan = self._local_rounds(data, batch_rows, local_steps, run.epoch)
+                for leaves in plan[run.epoch_step :]:
+                    if self.stop_training:
+                        break
+                    t0 = time.perf_counter()
+                    # Local steps on the workers, averaged by the fixed tree:
+                    # the client gets one reduced partial (sync point).
+                    res = self._engine.run_local_round(
+                        data.ref,
+                        self.model,
+                        self.optimizer,
+                        run.params,
+                        run.opt_state,
+                        leaves,
+                        placement_chunks=data.chunk_ids,
+                        nonfinite=on_nonfinite,
+                    )
+                    partial = res.partial
+                    round_steps = max(len(leaf) for leaf in leaves)
+                    n = partial.n_rows
+                    if n == 0:
+                        raise DivergenceError(
+                            f"step {run.step + 1}: the round has no rows (all skipped?)"
+                        )
+                    # Average: divide the tree's row-weighted sums by the rows.
+                    params, float_state = local_average(partial)
+                    opt_state = {
+                        **advance_counts(run.opt_state, round_steps),
+                        **float_state,
+                    }
+                    loss = partial.mean_loss()
+                    objective = partial.metrics[LOCAL_OBJECTIVE_SUM] / n
+                    bad = [
+                        k
+                        for k, v in {**params, **float_state}.items()
+                        if not np.all(np.isfinite(v))
+                    ]
+                    if bad or not math.isfinite(objective):
+                        raise DivergenceError(
+                            f"step {run.step + 1}: local SGD made "
+                            f"{bad or 'the loss'} non-finite; the store "
+                            f"{self.store_path!r} keeps the last good version. "
+                            f"Lower the learning rate or add gradient clipping."
+                        )
+                    row = self._step_row(
+                        run,
+                        res,
+                        loss=loss,
+                        objective=objective,
+                        grad_norm=partial.metrics[LOCAL_GRAD_NORM_SUM] / n,
+                        learning_rate=self.optimizer.learning_rate_at(
+                            _step_count(run.opt_state)
+                        ),
+                        seconds=time.perf_counter() - t0,
+                        local_steps=round_steps,
+                    )
+                    end_of_epoch = run.epoch_step + 1 == len(plan)
+                    if end_of_epoch:
+                        # Validate before the run moves on (see _fit_steps).
+                        self._validate(row, params, validation, on_nonfinite)
+                    self._advance(
+                        run, row, params, opt_state, end_of_epoch, epochs, callbacks
+                    )
+                    # Checkpoint: as in _fit_steps.
+                    if self._commit_due(
+                        run, checkpoint_every, checkpoint_seconds, last_commit
+                    ):
+                        self._commit(ps, run)
+                        committed_step, last_commit = run.step, time.monotonic()
+        finally:
+            # On an error or Ctrl-C, keep the rounds since the last commit.
             if run.step > committed_step:
                 self._commit(ps, run)
 
@@ -944,6 +1296,280 @@ class Trainer:
             if run.step > committed_step:
                 self._commit(ps, run)
 
+    # -- sharded tables (the parameter-server path) ----------------------------
+    def _start_sharded_run(
+        self, ps: ParamStore, data: Dataset, rng: np.random.Generator
+    ) -> _Run:
+        """Initialize a run whose tables live in row shards of the store:
+        dense parameters on the client, tables written by the workers into
+        version 0, then committed."""
+        model = self.model
+        assert isinstance(model, SparseModel)
+        params = {
+            k: np.asarray(v, dtype=np.float64) for k, v in model.init_dense(rng).items()
+        }
+        seed = model.table_seed(rng)
+        layouts, _ = table_layouts(
+            model, self.optimizer, params, shard_rows=self.shard_rows
+        )
+        run = _Run(
+            params=params,
+            opt_state=self.optimizer.init(params),
+            status="running",
+            tables=layouts,
+            table_step=0,
+        )
+        run.dataset = _dataset_meta(data)
+        self._sharded_engine.init_tables(ps, 0, model, seed, layouts)
+        self._commit(ps, run)
+        return run
+
+    def _global_state(self, run: _Run) -> dict[str, np.ndarray]:
+        """Optimizer state not tied to a parameter (e.g. step counts)."""
+        return {
+            k: v
+            for k, v in run.opt_state.items()
+            if not any(k.endswith("." + name) for name in run.params)
+        }
+
+    def _fit_sharded(
+        self,
+        ps: ParamStore,
+        run: _Run,
+        data: Dataset,
+        epochs: int,
+        batch_rows: int | None,
+        validation: Dataset | None,
+        callbacks: Sequence[Callback],
+        checkpoint_every: int | None,
+        checkpoint_seconds: float,
+        on_nonfinite: str,
+        staleness: int = 0,
+    ) -> None:
+        """Steps of a model with sharded tables.  Each step writes a new
+        version of the store (changed shards written by workers, the others
+        shared with the previous version); a checkpoint commits it, and
+        versions no longer needed are dropped unless they are kept committed
+        ones.  With ``staleness = k``, up to ``k + 1`` steps are in flight
+        (see :meth:`fit`)."""
+        model = self.model
+        assert isinstance(model, SparseModel)
+        engine = self._sharded_engine
+        last_commit = time.monotonic()
+        committed_step = run.step
+        pending: list[tuple[StepHandle, dict[str, np.ndarray]]] = []
+        readers: dict[int, int] = {}  # version -> steps in flight reading it
+
+        def drop_unused_versions() -> None:
+            assert run.table_step is not None
+            busy = {v for v, n in readers.items() if n > 0}
+            for step in ps.version_dirs():
+                if (
+                    step < run.table_step
+                    and step not in ps.versions
+                    and step not in busy
+                ):
+                    ps.discard_version(step)
+
+        def finish_oldest(plan_len: int) -> None:
+            nonlocal committed_step, last_commit
+            handle, _ = pending.pop(0)
+            res = engine.finish_step(handle)
+            readers[handle.read_step] -= 1
+            step = handle.write_step
+            loss, objective, grads = self._objective(res.partial, run.params, step)
+            with np.errstate(over="ignore", invalid="ignore"):
+                updates, opt_state = self.optimizer.update(
+                    grads, run.opt_state, run.params
+                )
+                params = apply_updates(run.params, updates)
+            if not all(np.all(np.isfinite(v)) for v in params.values()):
+                raise DivergenceError(
+                    f"step {step}: the update made parameters non-finite; the store "
+                    f"{self.store_path!r} keeps the last good version. Lower the "
+                    f"learning rate."
+                )
+            row = self._step_row(
+                run,
+                res,
+                loss=loss,
+                objective=objective,
+                grad_norm=global_norm(grads),
+                learning_rate=self.optimizer.learning_rate_at(run.step),
+                seconds=time.perf_counter() - handle.t0,
+                **res.stats.to_row(),
+            )
+            end_of_epoch = run.epoch_step + 1 == plan_len
+            if end_of_epoch and validation is not None:
+                self._validate_sharded(row, params, step, run, validation, on_nonfinite)
+            run.table_step = step
+            self._advance(run, row, params, opt_state, end_of_epoch, epochs, callbacks)
+            if self._commit_due(
+                run, checkpoint_every, checkpoint_seconds, last_commit, bool(pending)
+            ):
+                self._commit(ps, run, protect={h.read_step for h, _ in pending})
+                committed_step, last_commit = run.step, time.monotonic()
+            drop_unused_versions()
+
+        try:
+            while run.epoch < epochs and not self.stop_training:
+                plan = epoch_steps(
+                    data.chunk_ids,
+                    data.chunk_n_rows,
+                    batch_rows=batch_rows,
+                    seed=self.seed,
+                    epoch=run.epoch,
+                )
+                for pieces in plan[run.epoch_step + len(pending) :]:
+                    if self.stop_training:
+                        break
+                    assert run.table_step is not None
+                    # Optimizer counters before this step: those of the last
+                    # finished step, advanced by the steps still in flight.
+                    gstate = pending[-1][1] if pending else self._global_state(run)
+                    handle = engine.submit_step(
+                        ps,
+                        data.ref,
+                        model,
+                        self.optimizer,
+                        run.params,
+                        gstate,
+                        run.tables,
+                        pieces,
+                        read_step=run.table_step,
+                        write_step=run.step + len(pending) + 1,
+                        after=pending[-1][0] if pending else None,
+                        placement_chunks=data.chunk_ids,
+                        nonfinite=on_nonfinite,
+                    )
+                    readers[run.table_step] = readers.get(run.table_step, 0) + 1
+                    _, gstate_after = self.optimizer.update({}, gstate, {})
+                    pending.append((handle, gstate_after))
+                    if len(pending) > staleness:
+                        finish_oldest(len(plan))
+                # The end of the epoch (or a stop): finish the steps in flight.
+                while pending:
+                    finish_oldest(len(plan))
+        finally:
+            if pending:
+                # An error or Ctrl-C: drop the steps in flight; the run keeps
+                # every step that finished.
+                engine.cancel([h for h, _ in pending])
+                for h, _ in pending:
+                    with contextlib.suppress(Exception):
+                        ps.discard_version(h.write_step)
+                pending.clear()
+            if run.step > committed_step:
+                self._commit(ps, run)
+
+    def _validate_sharded(
+        self,
+        row: dict[str, Any],
+        params: Mapping[str, np.ndarray],
+        step: int,
+        run: _Run,
+        validation: Dataset,
+        on_nonfinite: str,
+    ) -> None:
+        res = self._sharded_pass(validation, params, step, run, on_nonfinite)
+        for k, v in self.model.summarize(res.partial).items():
+            row[f"val_{k}"] = v
+
+    def _sharded_pass(
+        self,
+        data: Dataset,
+        params: Mapping[str, np.ndarray],
+        step: int,
+        run: _Run,
+        on_nonfinite: str,
+    ) -> ShardedPassResult:
+        assert isinstance(self.model, SparseModel)
+        return self._sharded_engine.run_pass(
+            self.store_path,
+            step,
+            data.ref,
+            self.model,
+            params,
+            run.tables,
+            full_pass(data.chunk_ids, data.chunk_n_rows),
+            placement_chunks=data.chunk_ids,
+            nonfinite=on_nonfinite,
+        )
+
+    def _apply_sparse(self, kind: str, X: Any, run: _Run) -> Any:
+        """Predictions of a SparseModel for a Dataset (a dask array, computed
+        by tasks that pull the table rows they need) or a mapping of fields
+        to arrays (numpy)."""
+        import dask
+        import dask.array as da
+
+        model = self.model
+        assert isinstance(model, SparseModel)
+        layouts = {t.name: t for t in run.tables}
+        if isinstance(X, Dataset):
+            missing = [f for f in model.input_fields if f not in X.schema.fields]
+            if missing:
+                raise DataValidationError(
+                    f"dataset {X.path!r} lacks fields {missing} that "
+                    f"{type(model).__name__} predicts from"
+                )
+            parts = []
+            probe = self._apply_sparse(
+                kind,
+                {
+                    f: np.zeros((1, *X.schema.fields[f].shape), dtype=np.int64)
+                    for f in model.input_fields
+                },
+                run,
+            )
+            for c in X.chunk_ids:
+                n = X.chunk_n_rows(c)
+                if run.tables:
+                    delayed = dask.delayed(predict_sparse_chunk, pure=True)(
+                        X.ref,
+                        model,
+                        dict(run.params),
+                        self.store_path,
+                        run.table_step,
+                        layouts,
+                        c,
+                        kind,
+                    )
+                else:
+                    delayed = dask.delayed(_predict_dense_sparse_chunk, pure=True)(
+                        X.ref, model, dict(run.params), c, kind
+                    )
+                parts.append(
+                    da.from_delayed(
+                        delayed, shape=(n, *probe.shape[1:]), dtype=probe.dtype
+                    )
+                )
+            return da.concatenate(parts)
+        if not isinstance(X, Mapping):
+            raise TypeError(
+                f"{type(model).__name__} predicts from a Dataset or a mapping of "
+                f"fields {list(model.input_fields)} to arrays, got {type(X).__name__}"
+            )
+        if not run.tables:
+            return getattr(model, kind)(run.params, X)
+        batch = {f: np.asarray(X[f]) for f in model.input_fields if f in X}
+        missing = [f for f in model.input_fields if f not in batch]
+        if missing:
+            raise ValueError(
+                f"missing fields {missing}; {type(model).__name__} "
+                f"needs {list(model.input_fields)}"
+            )
+        model._raise_bad_ids(batch)
+        assert run.table_step is not None
+        rows = {}
+        for table, ids in model.row_ids(batch).items():
+            uniq = np.unique(ids)
+            rows[table] = (
+                uniq,
+                read_rows(self.store_path, run.table_step, layouts[table], uniq),
+            )
+        return model.predict_rows(run.params, rows, batch, kind)
+
     # -- evaluation and prediction ---------------------------------------------
     def evaluate(
         self, data: Dataset, *, on_nonfinite: str = "raise"
@@ -961,14 +1587,20 @@ class Trainer:
         self.model.check_schema(data.schema)
         run = self._current_run()
         self._check_features(data)
-        res = self._pass(
-            data,
-            run.params,
-            full_pass(data.chunk_ids, data.chunk_n_rows),
-            with_grads=False,
-            nonfinite=on_nonfinite,
-        )
-        return {k: float(v) for k, v in self.model.summarize(res.partial).items()}
+        if run.tables:
+            assert run.table_step is not None
+            partial = self._sharded_pass(
+                data, run.params, run.table_step, run, on_nonfinite
+            ).partial
+        else:
+            partial = self._pass(
+                data,
+                run.params,
+                full_pass(data.chunk_ids, data.chunk_n_rows),
+                with_grads=False,
+                nonfinite=on_nonfinite,
+            ).partial
+        return {k: float(v) for k, v in self.model.summarize(partial).items()}
 
     def _check_features(self, data: Dataset) -> None:
         if (
@@ -995,6 +1627,8 @@ class Trainer:
         import dask.array as da
 
         run = self._current_run()
+        if isinstance(self.model, SparseModel):
+            return self._apply_sparse(kind, X, run)
         params = {k: v for k, v in run.params.items()}
         fn = getattr(self.model, kind)
         if isinstance(X, Dataset):
@@ -1060,6 +1694,17 @@ def _apply_block(
     return np.asarray(fn(dict(params), block))
 
 
+def _predict_dense_sparse_chunk(
+    ref: Any,
+    model: SparseModel,
+    params: Mapping[str, np.ndarray],
+    chunk_id: int,
+    kind: str,
+) -> np.ndarray:
+    loaded, _ = load_chunk(ref, model.input_fields, chunk_id, cache=worker_cache())
+    return np.asarray(getattr(model, kind)(dict(params), dict(loaded.arrays)))
+
+
 def _check_nonfinite_policy(on_nonfinite: Any) -> None:
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(
@@ -1067,7 +1712,13 @@ def _check_nonfinite_policy(on_nonfinite: Any) -> None:
         )
 
 
-def _hit_rate(res: PassResult) -> float:
+def _step_count(opt_state: Mapping[str, np.ndarray]) -> int:
+    """Optimizer updates done so far: the largest step counter of the state."""
+    counts = [int(v) for v in opt_state.values() if is_count(v)]
+    return max(counts, default=0)
+
+
+def _hit_rate(res: PassResult | ShardedPassResult) -> float:
     total = res.cache_hits + res.cache_misses
     return res.cache_hits / total if total else math.nan
 

@@ -13,12 +13,22 @@ from dasktrain.models.linear import (
     SoftmaxRegression,
 )
 from dasktrain.models.mlp import MLP
+from dasktrain.models.sparse import (
+    MatrixFactorization,
+    SparseLogisticRegression,
+    SparseModel,
+    TableSpec,
+)
 
 __all__ = [
     "MLP",
     "LinearRegression",
     "LogisticRegression",
+    "MatrixFactorization",
     "Model",
     "SoftmaxRegression",
+    "SparseLogisticRegression",
+    "SparseModel",
+    "TableSpec",
     "model_from_config",
 ]

@@ -75,7 +75,14 @@ RUN_COLORS = (
     "#17becf",
 )
 #: Per-step fields of the trainer's history rows drawn as one line per run.
-STEP_METRICS = ("loss", "rows_per_s", "seconds", "cache_hit_rate")
+STEP_METRICS = (
+    "loss",
+    "rows_per_s",
+    "seconds",
+    "cache_hit_rate",
+    "shard_bytes_read",
+    "shard_bytes_written",
+)
 WAITING_TEXT = (
     "<b>dasktrain</b>: waiting for a fit. No <code>dasktrain</code> events on "
     "this scheduler yet; a <code>Trainer.fit</code> with a client connected to "
@@ -273,6 +280,14 @@ def header_html(current: Mapping[str, Any] | None) -> str:
         f"step time {_format(current.get('seconds'), '.3f')} s",
         f"cache hits {_format(current.get('cache_hit_rate'), '.0%')}",
     ]
+    if "shard_bytes_written" in current:
+        # Models with sharded tables: the step's table shard traffic.
+        read = _number(current.get("shard_bytes_read")) / 1e6
+        written = _number(current["shard_bytes_written"]) / 1e6
+        parts.append(
+            f"shards read {_format(read, '.1f')} MB, "
+            f"written {_format(written, '.1f')} MB"
+        )
     return " &middot; ".join(parts)
 
 
@@ -363,20 +378,29 @@ class _Page:
         hits = new_figure("Worker cache hit rate", "hit rate", **shared)
         hits.y_range.start = 0.0
         hits.y_range.end = 1.05
-        for fig, name in (
-            (rows, "rows_per_s"),
-            (seconds, "seconds"),
-            (hits, "cache_hit_rate"),
+        traffic = new_figure(
+            "Table shard traffic per step (sharded models; dashed: read)",
+            "bytes",
+            **shared,
+        )
+        traffic.yaxis.formatter = NumeralTickFormatter(format="0.[0]b")
+        for fig, name, dash in (
+            (rows, "rows_per_s", "solid"),
+            (seconds, "seconds", "solid"),
+            (hits, "cache_hit_rate", "solid"),
+            (traffic, "shard_bytes_written", "solid"),
+            (traffic, "shard_bytes_read", "dashed"),
         ):
             fig.multi_line(
                 xs="xs",
                 ys="ys",
                 line_color="color",
                 line_width=2,
+                line_dash=dash,
                 source=self.sources[name],
             )
         grid = gridplot(
-            [[loss, rows], [seconds, hits]],
+            [[loss, rows], [seconds, hits], [traffic, None]],
             sizing_mode="stretch_both",
             toolbar_location="right",
         )

@@ -43,14 +43,17 @@ The key ``"__float__"`` is therefore reserved in meta objects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import functools
 import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Coroutine, Mapping
+import uuid
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,15 +61,32 @@ import numpy as np
 import zarr
 import zarr.api.asynchronous
 from zarr.errors import BaseZarrError, ContainsArrayError
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
+from dasktrain.data.io import (
+    check_storage_options,
+    filesystem,
+    is_remote,
+    missing_bucket,
+    normalize_url,
+    remote_store_error,
+)
 from dasktrain.errors import StoreError, StoreLockedError, StoreNotFoundError
 from dasktrain.params.lock import (
+    LOCK_FILENAME,
     LockInfo,
+    ObjectLockFile,
     WriteLock,
     break_lock,
     is_lock_leftover,
     read_lock,
+)
+from dasktrain.params.tables import (
+    TABLES,
+    TableLayout,
+    create_table_arrays,
+    forget_version,
+    open_table_array,
 )
 
 __all__ = [
@@ -96,6 +116,7 @@ _PARAMS = "params"
 _OPT = "opt"
 _ZARR_JSON = "zarr.json"
 _ZARR_TEMP_SUFFIX = ".partial"
+_LINK_TEMP_SUFFIX = ".linking"
 _TARGET_CHUNK_BYTES = 1 << 20
 _DEFAULT_KEEP_VERSIONS = 3
 _ALLOWED_OPT_KINDS = "biuf"
@@ -203,66 +224,250 @@ def decode_meta(obj: Mapping[str, Any]) -> dict[str, Any]:
 class _Location:
     """Where a store lives.  All path handling goes through this class.
 
-    Only local directories are supported; another backend (fsspec URLs) needs
-    another implementation of these few methods and of the write lock.
+    A store is a local directory (a path or a ``file://`` URL, used through
+    zarr's ``LocalStore``) or a prefix on any fsspec filesystem
+    (``s3://bucket/runs/exp1.zarr``, used through zarr's ``FsspecStore``).
+    Keys are relative to the store root, with ``/`` separators (e.g.
+    ``"versions/12/params/w"``).
+
+    Parameters
+    ----------
+    url : str
+        Absolute local path, or the fsspec URL without a trailing ``/``.
+    storage_options : dict
+        fsspec options of a remote store (``{}`` otherwise).
     """
 
-    root: Path
+    url: str
+    storage_options: dict[str, Any] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
-    def from_user(cls, path: str | os.PathLike[str]) -> _Location:
+    def from_user(
+        cls,
+        path: str | os.PathLike[str],
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> _Location:
         if not isinstance(path, str | os.PathLike):
             raise TypeError(
                 f"store path must be a str or path-like, got {type(path).__name__}"
             )
         text = os.fspath(path)
-        if text.startswith("file://"):
-            text = text.removeprefix("file://")
-        elif "://" in text:
-            raise ValueError(
-                f"parameter store {text}: only local paths are supported for now"
-            )
-        if not text:
+        if not text or text == "file://":
             raise ValueError("store path must not be empty")
-        return cls(Path(os.path.abspath(text)))
+        url = normalize_url(text)
+        options = check_storage_options(storage_options)
+        return cls(url, options if is_remote(url) else {})
 
     def __str__(self) -> str:
-        return str(self.root)
+        return self.url
+
+    @property
+    def remote(self) -> bool:
+        """Whether the store is reached through fsspec."""
+        return is_remote(self.url)
+
+    @property
+    def root(self) -> Path:
+        """The store directory (local stores only)."""
+        if self.remote:
+            raise TypeError(f"parameter store {self.url} is not a local directory")
+        return Path(self.url)
+
+    @functools.cached_property
+    def _filesystem(self) -> tuple[Any, str]:
+        return filesystem(self.url, self.storage_options)
+
+    def _fs_path(self, key: str = "") -> str:
+        base = self._filesystem[1].rstrip("/")
+        return f"{base}/{key}" if key else base
+
+    def _remote_error(self, exc: BaseException, action: str) -> StoreError:
+        return remote_store_error(
+            self.url,
+            exc,
+            action=action,
+            what="parameter store",
+            storage_options=self.storage_options,
+        )
+
+    def _info(self, key: str) -> dict[str, Any] | None:
+        """fsspec ``info`` of a key, ``None`` if missing (remote stores only);
+        other failures raise :class:`StoreError`."""
+        fs, _ = self._filesystem
+        path = self._fs_path(key)
+        try:
+            fs.invalidate_cache(path)
+            info: dict[str, Any] = fs.info(path)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._remote_error(exc, "access") from exc
+        return info
 
     def kind(self) -> Literal["missing", "dir", "other"]:
+        if self.remote:
+            info = self._info("")
+            if info is None:
+                return "missing"
+            return "dir" if info.get("type") == "directory" else "other"
         if self.root.is_dir():
             return "dir"
         if self.root.exists():
             return "other"
         return "missing"
 
+    def missing_reason(self) -> str:
+        """Why nothing is found at the store's path, for messages."""
+        if self.remote:
+            bucket = missing_bucket(self.url, self.storage_options)
+            if bucket:
+                return f"bucket {bucket!r} does not exist"
+            return "no object under this prefix"
+        return "path not found"
+
     def is_empty(self) -> bool:
+        if self.remote:
+            return not self.children("")
         return not any(self.root.iterdir())
 
     def make_root(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.remote:
+            self.root.mkdir(parents=True, exist_ok=True)
+            return
+        # Object stores have no directories; a missing bucket is an error
+        # (buckets are never created here).
+        bucket = missing_bucket(self.url, self.storage_options)
+        if bucket:
+            raise StoreNotFoundError(
+                f"cannot create a parameter store at {self.url}: bucket "
+                f"{bucket!r} does not exist (dasktrain never creates buckets; "
+                "create it first)"
+            )
 
-    def zarr_store(self, *, read_only: bool) -> LocalStore:
+    def zarr_store(self, *, read_only: bool) -> LocalStore | FsspecStore:
+        if self.remote:
+            return FsspecStore.from_url(
+                self.url,
+                storage_options=dict(self.storage_options) or None,
+                read_only=read_only,
+            )
         return LocalStore(self.root, read_only=read_only)
 
     def has(self, key: str) -> bool:
+        if self.remote:
+            return self._info(key) is not None
         return (self.root / key).exists()
 
     def children(self, key: str) -> list[str]:
+        if self.remote:
+            fs, _ = self._filesystem
+            path = self._fs_path(key)
+            try:
+                fs.invalidate_cache(path)
+                entries = fs.ls(path, detail=False)
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            except Exception as exc:
+                raise self._remote_error(exc, "list") from exc
+            paths = [str(entry).rstrip("/") for entry in entries]
+            if paths == [path.rstrip("/")]:
+                return []  # ``ls`` of an object lists the object itself
+            return sorted({entry.rsplit("/", 1)[-1] for entry in paths})
         try:
             return sorted(entry.name for entry in (self.root / key).iterdir())
         except (FileNotFoundError, NotADirectoryError):
             return []
 
     def delete(self, key: str) -> None:
+        if self.remote:
+            fs, _ = self._filesystem
+            path = self._fs_path(key)
+            try:
+                fs.invalidate_cache(path)
+                fs.rm(path, recursive=True)
+            except FileNotFoundError:
+                pass
+            except Exception as exc:
+                raise self._remote_error(exc, f"delete {key} of") from exc
+            return
         target = self.root / key
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         else:
             target.unlink(missing_ok=True)
 
+    def link(self, src_key: str, dst_key: str) -> None:
+        """Make ``dst_key`` share the content of ``src_key`` without sending
+        the bytes through this process.
+
+        Local stores hard-link the file (copying it where linking fails, e.g.
+        across devices or on filesystems without hard links); fsspec stores
+        copy the object on the server (``fs.copy``: a server-side
+        ``CopyObject`` on S3).  An existing ``dst_key`` is replaced (locally,
+        atomically).
+
+        Parameters
+        ----------
+        src_key, dst_key : str
+            Keys of files (not directories) relative to the store root, with
+            ``/`` separators, e.g. ``"versions/12/user/c/3/0"``.
+
+        Raises
+        ------
+        StoreNotFoundError
+            ``src_key`` does not exist.
+        StoreError
+            The link or copy failed (e.g. access denied); the message names
+            both keys and the store.
+        """
+        for key in (src_key, dst_key):
+            if not key or key.startswith("/") or ".." in key.split("/"):
+                raise ValueError(f"invalid key {key!r}: keys are relative to the store")
+        what = f"link {dst_key} to {src_key} in parameter store {self.url}"
+        if self.remote:
+            self._link_remote(src_key, dst_key, what)
+            return
+        src = self.root.joinpath(*src_key.split("/"))
+        dst = self.root.joinpath(*dst_key.split("/"))
+        if not src.is_file():
+            raise StoreNotFoundError(f"cannot {what}: {src_key} does not exist")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        staged = dst.with_name(f"{dst.name}.{uuid.uuid4().hex}{_LINK_TEMP_SUFFIX}")
+        try:
+            try:
+                os.link(src, staged)
+            except OSError:
+                shutil.copyfile(src, staged)
+            os.replace(staged, dst)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                staged.unlink()
+            raise StoreError(f"cannot {what}: {exc}") from exc
+
+    def _link_remote(self, src_key: str, dst_key: str, what: str) -> None:
+        fs, _ = self._filesystem
+        try:
+            fs.copy(self._fs_path(src_key), self._fs_path(dst_key))
+        except FileNotFoundError as exc:
+            if self._info(src_key) is None:
+                raise StoreNotFoundError(
+                    f"cannot {what}: {src_key} does not exist"
+                ) from exc
+            raise self._remote_error(exc, f"copy {src_key} to {dst_key} in") from exc
+        except Exception as exc:
+            raise self._remote_error(exc, f"copy {src_key} to {dst_key} in") from exc
+
     @property
-    def lock_directory(self) -> Path:
+    def lock_target(self) -> Path | ObjectLockFile:
+        """What :class:`~dasktrain.params.lock.WriteLock` locks: the store
+        directory, or the lock object of a remote store."""
+        if self.remote:
+            fs, _ = self._filesystem
+            return ObjectLockFile(
+                fs, self._fs_path(LOCK_FILENAME), f"{self.url}/{LOCK_FILENAME}"
+            )
         return self.root
 
 
@@ -480,23 +685,33 @@ class ParamStore:
         *,
         keep_versions: int = _DEFAULT_KEEP_VERSIONS,
         meta: Mapping[str, Any] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> ParamStore:
         """Create an empty store (nothing committed) at ``path``.
 
         Parameters
         ----------
         path : str or path-like
-            A directory that does not exist yet (or is empty).
+            A directory that does not exist yet (or is empty), a ``file://``
+            URL, or an fsspec URL (``s3://bucket/runs/exp1.zarr``) under which
+            nothing exists yet.
         keep_versions : int, default 3
             How many committed versions to keep; older ones are deleted after
             each commit.
         meta : mapping, optional
             Initial JSON metadata (see :func:`encode_meta`).
+        storage_options : dict, optional
+            fsspec options of a remote store (credentials, endpoint...).
+            Without them, the filesystem configures itself from the
+            environment (e.g. ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``).
 
         Raises
         ------
         StoreError
-            If something (a store or anything else) already exists at ``path``.
+            If something (a store or anything else) already exists at ``path``,
+            or a remote store cannot be reached (the message says why).
+        StoreNotFoundError
+            If the bucket of a remote ``path`` does not exist.
         TypeError, ValueError
             If ``meta`` is not JSON-serializable or ``keep_versions`` < 1.
 
@@ -507,7 +722,7 @@ class ParamStore:
         >>> ParamStore.create(path).committed is None
         True
         """
-        location = _Location.from_user(path)
+        location = _Location.from_user(path, storage_options)
         if not _is_int(keep_versions):
             raise TypeError(
                 f"keep_versions must be an integer, got {type(keep_versions).__name__}"
@@ -543,21 +758,35 @@ class ParamStore:
                 overwrite=False,
             )
             root.create_group(_VERSIONS)
+        except StoreError:
+            raise
         except (OSError, BaseZarrError) as exc:
+            if location.remote:
+                raise location._remote_error(exc, "create") from exc
             raise StoreError(
                 f"cannot create a parameter store at {location}: {exc}"
             ) from exc
+        except Exception as exc:
+            if not location.remote:
+                raise
+            raise location._remote_error(exc, "create") from exc
         logger.info("created parameter store %s", location)
         return cls(location, state)
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> ParamStore:
-        """Open an existing store.
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> ParamStore:
+        """Open an existing store (a local path, ``file://`` or fsspec URL;
+        ``storage_options`` as in :meth:`create`).
 
         Raises
         ------
         StoreNotFoundError
-            If nothing exists at ``path``.
+            If nothing exists at ``path`` (or its bucket does not exist).
         StoreError
             If ``path`` is not a dasktrain parameter store (a plain directory,
             a dataset or other zarr group, unreadable metadata, or an
@@ -572,12 +801,17 @@ class ParamStore:
         ...
         dasktrain.errors.StoreNotFoundError: no parameter store at ...
         """
-        location = _Location.from_user(path)
+        location = _Location.from_user(path, storage_options)
         return cls(location, _load_state(location))
 
     @staticmethod
-    def exists(path: str | os.PathLike[str]) -> bool:
-        """Whether a valid parameter store exists at ``path``.
+    def exists(
+        path: str | os.PathLike[str],
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Whether a valid parameter store exists at ``path`` (``False`` also
+        when a remote store cannot be reached).
 
         Examples
         --------
@@ -586,13 +820,17 @@ class ParamStore:
         False
         """
         try:
-            _load_state(_Location.from_user(path))
+            _load_state(_Location.from_user(path, storage_options))
         except StoreError:
             return False
         return True
 
     @staticmethod
-    def break_lock(path: str | os.PathLike[str]) -> LockInfo | None:
+    def break_lock(
+        path: str | os.PathLike[str],
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> LockInfo | None:
         """Remove the write lock of the store at ``path``, whoever holds it.
 
         Locks of dead processes on the same host are taken over automatically
@@ -614,15 +852,20 @@ class ParamStore:
         >>> ParamStore.break_lock(path).owner
         'job on a dead host'
         """
-        location = _Location.from_user(path)
-        return break_lock(location.lock_directory)
+        location = _Location.from_user(path, storage_options)
+        return break_lock(location.lock_target)
 
     # -------------------------------------------------------- properties
 
     @property
     def path(self) -> str:
-        """Absolute path of the store."""
+        """Absolute path of the store, or its fsspec URL."""
         return str(self._location)
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options of a remote store (``{}`` for a local one); a copy."""
+        return dict(self._location.storage_options)
 
     @property
     def committed(self) -> int | None:
@@ -651,7 +894,7 @@ class ParamStore:
 
     def lock_holder(self) -> LockInfo | None:
         """Who holds the write lock now (``None`` if nobody)."""
-        return read_lock(self._location.lock_directory)
+        return read_lock(self._location.lock_target)
 
     def __repr__(self) -> str:
         return (
@@ -708,6 +951,7 @@ class ParamStore:
                 store=self._location.zarr_store(read_only=True),
                 path=key,
                 mode="r",
+                zarr_format=3,
                 use_consolidated=False,
             )
             params = _read_arrays(group, _PARAMS)
@@ -760,7 +1004,7 @@ class ParamStore:
         dasktrain.errors.StoreLockedError: parameter store ... is locked ...
         """
         lock = WriteLock.acquire(
-            self._location.lock_directory, owner=owner, label=self.path
+            self._location.lock_target, owner=owner, label=self.path
         )
         try:
             self.refresh()
@@ -794,6 +1038,9 @@ class ParamStore:
         params: Mapping[str, np.ndarray],
         opt_state: Mapping[str, np.ndarray],
         meta: Mapping[str, Any],
+        *,
+        prepared: bool = False,
+        protect: Collection[int] = (),
     ) -> None:
         """Write a new version and make it the committed one, atomically.
 
@@ -808,6 +1055,13 @@ class ParamStore:
         meta : mapping
             JSON metadata that replaces the store's meta (see
             :func:`encode_meta`; NaN and infinity are allowed).
+        prepared : bool, default False
+            The version was started with :meth:`prepare_version` and its
+            tables are written: keep them and add the dense arrays.
+        protect : collection of int, default ()
+            Versions that are still being read: if they fall out of the kept
+            versions, they are unlisted but not deleted (the caller deletes
+            them later with :meth:`discard_version`).
 
         Raises
         ------
@@ -835,14 +1089,23 @@ class ParamStore:
             )
 
         key = f"{_VERSIONS}/{step}"
-        if self._location.has(key):
+        if prepared:
+            if not self._location.has(f"{key}/{TABLES}"):
+                raise StoreError(
+                    f"cannot commit step {step} to parameter store {self.path}: "
+                    f"{key} was not prepared with prepare_version()"
+                )
+            for sub in (_PARAMS, _OPT):
+                if self._location.has(f"{key}/{sub}"):
+                    self._delete(f"{key}/{sub}")
+        elif self._location.has(key):
             logger.warning(
                 "removing %s/%s, left over by a commit that did not finish",
                 self.path,
                 key,
             )
             self._delete(key)
-        self._write_version(key, params_out, opt_out)
+        self._write_version(key, params_out, opt_out, prepared=prepared)
 
         versions = sorted({*current.versions, step})
         kept = tuple(versions[-current.keep_versions :])
@@ -858,6 +1121,8 @@ class ParamStore:
         logger.debug("committed step %d to %s", step, self.path)
 
         for old in dropped:
+            if old in protect:
+                continue
             old_key = f"{_VERSIONS}/{old}"
             try:
                 self._delete(old_key)
@@ -874,12 +1139,20 @@ class ParamStore:
         key: str,
         params: dict[str, np.ndarray],
         opt_state: dict[str, np.ndarray],
+        *,
+        prepared: bool = False,
     ) -> None:
         progress = _Progress(f"group {key}")
         try:
-            _run_io(lambda: self._write_version_async(key, params, opt_state, progress))
+            _run_io(
+                lambda: self._write_version_async(
+                    key, params, opt_state, progress, prepared=prepared
+                ),
+                shared_loop=self._location.remote,
+            )
         except Exception as exc:
-            self._discard(key)
+            if not prepared:
+                self._discard(key)
             raise StoreError(
                 f"cannot write {progress.target} of parameter store {self.path}: "
                 f"{exc}; the committed version is intact"
@@ -891,14 +1164,20 @@ class ParamStore:
         params: dict[str, np.ndarray],
         opt_state: dict[str, np.ndarray],
         progress: _Progress,
+        *,
+        prepared: bool = False,
     ) -> None:
         root = await zarr.api.asynchronous.open_group(
             store=self._location.zarr_store(read_only=False),
             mode="r+",
+            zarr_format=3,
             use_consolidated=False,
         )
         versions = await root.require_group(_VERSIONS)
-        version = await versions.create_group(key.split("/")[-1])
+        if prepared:
+            version = await versions.require_group(key.split("/")[-1])
+        else:
+            version = await versions.create_group(key.split("/")[-1])
         for group_name, arrays in ((_PARAMS, params), (_OPT, opt_state)):
             progress.target = f"group {key}/{group_name}"
             group = await version.create_group(group_name)
@@ -918,6 +1197,7 @@ class ParamStore:
             root = zarr.open_group(
                 store=self._location.zarr_store(read_only=False),
                 mode="r+",
+                zarr_format=3,
                 use_consolidated=False,
             )
             root.update_attributes({ATTRS_KEY: state.to_attrs()})
@@ -999,6 +1279,145 @@ class ParamStore:
             logger.info("cleaned up %s: removed %s", self.path, ", ".join(removed))
         return removed
 
+    def remove(self) -> None:
+        """Delete the whole store; requires the write lock, which goes last.
+
+        Everything but the lock is deleted first, then the lock is released,
+        so no other writer starts on a half-deleted store.  The emptied
+        directory of a local store is removed too (an object store has no
+        directories).
+
+        Examples
+        --------
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), "gone.zarr")
+        >>> store = ParamStore.create(path)
+        >>> _ = store.lock()
+        >>> store.remove()
+        >>> os.path.exists(path), store.holds_lock
+        (False, False)
+        """
+        self._require_lock("remove")
+        for name in self._location.children(""):
+            if name == LOCK_FILENAME or is_lock_leftover(name):
+                continue
+            self._delete(name)
+        self.release()
+        if not self._location.remote:
+            with contextlib.suppress(OSError):
+                self._location.root.rmdir()
+        logger.info("removed parameter store %s", self.path)
+
+    # -------------------------------------------------------- sharded tables
+
+    def prepare_version(self, step: int, layouts: Sequence[TableLayout]) -> None:
+        """Start version ``step`` with empty sharded tables (requires the lock).
+
+        Workers then write the shards a step changed, :func:`link_shards`
+        shares the others with the previous version, and :meth:`commit` with
+        ``prepared=True`` adds the dense arrays and makes it the committed
+        version.  Until then the version is invisible to readers, and
+        :meth:`discard_version` (or :meth:`cleanup`) removes it.
+        """
+        step = _check_step(step)
+        self._require_lock("prepare a version of")
+        if step in self._state.versions:
+            raise StoreError(
+                f"cannot prepare version {step} of parameter store {self.path}: "
+                "it is already committed"
+            )
+        key = f"{_VERSIONS}/{step}"
+        if self._location.has(key):
+            self._delete(key)
+        forget_version(self.path, step)
+        try:
+            root = zarr.open_group(
+                store=self._location.zarr_store(read_only=False),
+                mode="r+",
+                use_consolidated=False,
+            )
+            version = root.require_group(_VERSIONS).create_group(str(step))
+            version.create_group(TABLES)
+            create_table_arrays(self.path, step, layouts)
+        except Exception as exc:
+            self._discard(key)
+            raise StoreError(
+                f"cannot prepare {key} of parameter store {self.path}: {exc}"
+            ) from exc
+
+    def version_dirs(self) -> list[int]:
+        """Steps of every version directory present, committed or not."""
+        return sorted(
+            int(name) for name in self._location.children(_VERSIONS) if name.isdigit()
+        )
+
+    def discard_version(self, step: int) -> None:
+        """Delete an uncommitted version (requires the lock); committed
+        versions are refused."""
+        step = _check_step(step)
+        self._require_lock("discard a version of")
+        if step in self._state.versions:
+            raise StoreError(
+                f"version {step} of parameter store {self.path} is committed; "
+                "it is deleted only when newer versions replace it"
+            )
+        forget_version(self.path, step)
+        self._delete(f"{_VERSIONS}/{step}")
+
+    def table_layouts(self, step: int | None = None) -> dict[str, TableLayout]:
+        """The sharded tables of a version (default: the committed one), by
+        name; empty for a store without tables."""
+        if step is None:
+            step = self._state.committed
+            if step is None:
+                return {}
+        key = f"{_VERSIONS}/{step}/{TABLES}"
+        if not self._location.has(key):
+            return {}
+        out: dict[str, TableLayout] = {}
+        try:
+            group = zarr.open_group(
+                store=self._location.zarr_store(read_only=True),
+                path=key,
+                mode="r",
+                use_consolidated=False,
+            )
+            for name, sub in group.groups():
+                layout = TableLayout.from_json(
+                    dict(sub.attrs["dasktrain_table"])  # type: ignore[arg-type]
+                )
+                out[name] = layout
+        except (OSError, KeyError, TypeError, ValueError, BaseZarrError) as exc:
+            raise StoreError(
+                f"parameter store {self.path}: cannot read the tables of "
+                f"{_VERSIONS}/{step}: {exc}"
+            ) from exc
+        return dict(sorted(out.items()))
+
+    def table(
+        self, name: str, array: str = "param", *, step: int | None = None
+    ) -> zarr.Array:
+        """A sharded table (or one of its optimizer state arrays) of a version
+        as a read-only zarr array (default: the committed version)."""
+        if step is None:
+            if self._state.committed is None:
+                raise StoreError(
+                    f"parameter store {self.path} has no committed version"
+                )
+            step = self._state.committed
+        layouts = self.table_layouts(step)
+        if name not in layouts:
+            raise KeyError(
+                f"parameter store {self.path}, version {step}, has no table "
+                f"{name!r} (tables: {sorted(layouts)})"
+            )
+        if array not in layouts[name].arrays:
+            raise KeyError(
+                f"table {name!r} has no array {array!r} "
+                f"(arrays: {layouts[name].arrays})"
+            )
+        return open_table_array(self.path, step, name, array)
+
 
 @dataclass
 class _Progress:
@@ -1007,7 +1426,11 @@ class _Progress:
     target: str
 
 
-def _run_io(make_coroutine: Callable[[], Coroutine[Any, Any, None]]) -> None:
+def _run_io(
+    make_coroutine: Callable[[], Coroutine[Any, Any, None]],
+    *,
+    shared_loop: bool = False,
+) -> None:
     """Run zarr I/O on a private event loop in a private thread, to completion.
 
     When one write fails, zarr may still have sibling writes in flight (it
@@ -1015,7 +1438,19 @@ def _run_io(make_coroutine: Callable[[], Coroutine[Any, Any, None]]) -> None:
     executor's threads, so when this returns or raises no write of ours is
     still running: a failed version can then be removed for good.  The private
     thread also keeps this usable under a running event loop (Jupyter).
+
+    With ``shared_loop`` (remote stores) the coroutine runs on zarr's own I/O
+    loop instead, like zarr's synchronous API: fsspec caches asynchronous
+    filesystems (and their HTTP sessions, bound to one event loop) per thread,
+    so a fresh loop per call could meet a session of a closed loop.  There a
+    failed version may receive a late write after it was removed; it is
+    unlisted, ignored by readers and removed by :meth:`ParamStore.cleanup`.
     """
+    if shared_loop:
+        from zarr.core.sync import sync
+
+        sync(make_coroutine())
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dasktrain-io") as pool:
         pool.submit(lambda: asyncio.run(make_coroutine())).result()
 
@@ -1029,16 +1464,23 @@ def _read_arrays(version: zarr.Group, name: str) -> dict[str, np.ndarray]:
 
 def _load_state(location: _Location) -> _RootState:
     """Read and validate the root attributes of the store at ``location``."""
-    kind = location.kind()
-    if kind == "missing":
-        raise StoreNotFoundError(f"no parameter store at {location} (path not found)")
-    if kind == "other":
-        raise StoreError(f"{location} is not a parameter store: it is not a directory")
-    if not location.has(_ZARR_JSON):
-        raise StoreError(
-            f"{location} is not a parameter store: it is a directory without "
-            f"{_ZARR_JSON} (not a zarr v3 group)"
-        )
+    # A remote store is judged by its root zarr.json first (one request);
+    # the rest only explains why a store is not there.
+    if not (location.remote and location.has(_ZARR_JSON)):
+        kind = location.kind()
+        if kind == "missing":
+            raise StoreNotFoundError(
+                f"no parameter store at {location} ({location.missing_reason()})"
+            )
+        if kind == "other":
+            raise StoreError(
+                f"{location} is not a parameter store: it is not a directory"
+            )
+        if not location.has(_ZARR_JSON):
+            raise StoreError(
+                f"{location} is not a parameter store: it is a directory without "
+                f"{_ZARR_JSON} (not a zarr v3 group)"
+            )
     try:
         root = zarr.open_group(
             store=location.zarr_store(read_only=True),

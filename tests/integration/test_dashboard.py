@@ -140,6 +140,30 @@ def fitted(
     return _fit(client, tmp_path_factory.mktemp("dashboard-fit"), epochs=EPOCHS)
 
 
+def test_dashboard_shows_shard_traffic_of_sharded_models() -> None:
+    events = [
+        (1.0, {"store": "/r/mf.zarr", "step": 1, "loss": 3.0}),
+        (
+            2.0,
+            {
+                "store": "/r/mf.zarr",
+                "step": 2,
+                "loss": 2.0,
+                "shard_bytes_read": 9_000_000,
+                "shard_bytes_written": 4_500_000,
+            },
+        ),
+    ]
+    data = dashboard.dashboard_data(events)
+    written = data.sources["shard_bytes_written"]["ys"][0]
+    assert math.isnan(written[0]) and written[1] == 4_500_000
+    assert data.sources["shard_bytes_read"]["ys"][0][1] == 9_000_000
+    header = dashboard.header_html(data.current)
+    assert "shards read 9.0 MB, written 4.5 MB" in header
+    # Dense models have no shard traffic in the header.
+    assert "shards" not in dashboard.header_html(events[0][1])
+
+
 def test_dashboard_data_splits_runs_and_tolerates_gaps() -> None:
     events = [
         (1.0, {"store": "/r/a.zarr", "step": 1, "loss": 0.9, "rows_per_s": 10.0}),
