@@ -83,7 +83,7 @@ def test_same_bits_on_one_two_and_three_workers(
     runs = {}
     for n_workers in (1, 3, 2):
         c = client if n_workers == 2 else make_client(n_workers)
-        assert len(c.scheduler_info()["workers"]) == n_workers
+        assert len(c.nthreads()) == n_workers
         runs[n_workers] = _run_all(c, tmp_path / f"w{n_workers}", binary, classes)
     for name in CASES:
         params, history = runs[2][name]
