@@ -85,37 +85,22 @@ def _check_dtype(value: object) -> str:
     return str(value)
 
 
-def _check_id_field(
-    schema: Schema, name: str, owner: str, shape: tuple[int, ...]
+def _check_field(
+    schema: Schema, name: str, owner: str, shape: tuple[int, ...], kinds: str
 ) -> None:
+    """``name`` exists with rows of ``shape`` and a dtype of ``kinds``
+    ("iu": integer ids, "f": floats)."""
+    what = "integer ids" if kinds == "iu" else "floats"
     info = schema.fields.get(name)
     if info is None:
         raise DataValidationError(
-            f"field {name!r} is missing: {owner} needs {name!r} (integer ids, row "
+            f"field {name!r} is missing: {owner} needs {name!r} ({what}, row "
             f"shape {shape}); found fields {sorted(schema.fields)}"
         )
-    if np.dtype(info.dtype).kind not in "iu" or (
-        shape != (None,) and tuple(info.shape) != shape
-    ):
+    if np.dtype(info.dtype).kind not in kinds or tuple(info.shape) != shape:
         raise DataValidationError(
-            f"field {name!r}: {owner} expects integer ids with row shape {shape}; "
+            f"field {name!r}: {owner} expects {what} with row shape {shape}; "
             f"found row shape {info.shape} and dtype {info.dtype}"
-        )
-
-
-def _check_float_field(
-    schema: Schema, name: str, owner: str, shape: tuple[int, ...]
-) -> None:
-    info = schema.fields.get(name)
-    if info is None:
-        raise DataValidationError(
-            f"field {name!r} is missing: {owner} needs {name!r} (floats, row shape "
-            f"{shape}); found fields {sorted(schema.fields)}"
-        )
-    if np.dtype(info.dtype).kind != "f" or tuple(info.shape) != shape:
-        raise DataValidationError(
-            f"field {name!r}: {owner} expects floats with row shape {shape}; found "
-            f"row shape {info.shape} and dtype {info.dtype}"
         )
 
 
@@ -394,9 +379,9 @@ class MatrixFactorization(SparseModel):
 
     def check_schema(self, schema: Schema) -> None:
         owner = "MatrixFactorization"
-        _check_id_field(schema, "user", owner, ())
-        _check_id_field(schema, "item", owner, ())
-        _check_float_field(schema, "rating", owner, ())
+        _check_field(schema, "user", owner, (), "iu")
+        _check_field(schema, "item", owner, (), "iu")
+        _check_field(schema, "rating", owner, (), "f")
 
     def row_ids(self, batch: Batch) -> dict[str, np.ndarray]:
         return {
@@ -564,9 +549,9 @@ class SparseLogisticRegression(SparseModel):
                 f"field 'ids': {owner} needs integer feature ids with row shape "
                 f"(f,); found {'no such field' if info is None else info.shape}"
             )
-        _check_id_field(schema, "ids", owner, tuple(info.shape))
+        _check_field(schema, "ids", owner, tuple(info.shape), "iu")
         if self.use_values:
-            _check_float_field(schema, "values", owner, tuple(info.shape))
+            _check_field(schema, "values", owner, tuple(info.shape), "f")
         y = schema.fields.get("y")
         if y is None or tuple(y.shape) != ():
             raise DataValidationError(
