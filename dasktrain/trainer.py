@@ -159,8 +159,26 @@ class Trainer:
                 "optimizer must be a dasktrain optimizer, "
                 f"got {type(optimizer).__name__}"
             )
-        if keep_versions < 1:
-            raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
+        if (
+            isinstance(keep_versions, bool)
+            or not isinstance(keep_versions, int | np.integer)
+            or keep_versions < 1
+        ):
+            raise ValueError(
+                f"keep_versions must be an integer >= 1, got {keep_versions!r}"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        if (
+            isinstance(cache_fraction, bool)
+            or not isinstance(cache_fraction, int | float | np.integer | np.floating)
+            or not 0.0 <= cache_fraction < 1.0
+        ):
+            raise ValueError(
+                f"cache_fraction must be a number in [0, 1), got {cache_fraction!r}"
+            )
+        if sharded is not None and not isinstance(sharded, bool):
+            raise TypeError(f"sharded must be True, False or None, got {sharded!r}")
         if sharded and not isinstance(model, SparseModel):
             raise ValueError(
                 f"sharded=True needs a model with tables (MatrixFactorization, "
@@ -493,6 +511,7 @@ class Trainer:
             All steps of the run (including earlier sessions').
         """
         self._check_fit_args(data, epochs, batch_rows, validation, checkpoint_every)
+        _check_fit_options(checkpoint_seconds, callbacks, early_stopping, progress)
         self._check_local_steps(local_steps, batch_rows)
         if (
             not isinstance(staleness, int | np.integer)
@@ -1703,6 +1722,38 @@ def _predict_dense_sparse_chunk(
 ) -> np.ndarray:
     loaded, _ = load_chunk(ref, model.input_fields, chunk_id, cache=worker_cache())
     return np.asarray(getattr(model, kind)(dict(params), dict(loaded.arrays)))
+
+
+def _check_fit_options(
+    checkpoint_seconds: Any, callbacks: Any, early_stopping: Any, progress: Any
+) -> None:
+    """Check fit's options before anything runs or is written."""
+    if (
+        isinstance(checkpoint_seconds, bool)
+        or not isinstance(checkpoint_seconds, int | float | np.integer | np.floating)
+        or not checkpoint_seconds >= 0
+    ):
+        raise ValueError(
+            "checkpoint_seconds must be a number >= 0 (math.inf: never by time), "
+            f"got {checkpoint_seconds!r}"
+        )
+    if isinstance(callbacks, Callback) or not isinstance(callbacks, Sequence):
+        raise TypeError(
+            f"callbacks must be a list of dasktrain Callbacks, got "
+            f"{type(callbacks).__name__}"
+        )
+    for cb in callbacks:
+        if not isinstance(cb, Callback):
+            raise TypeError(
+                f"callbacks must be dasktrain Callbacks, got {type(cb).__name__}"
+            )
+    if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
+        raise TypeError(
+            f"early_stopping must be an EarlyStopping or None, got "
+            f"{type(early_stopping).__name__}"
+        )
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
 
 
 def _check_nonfinite_policy(on_nonfinite: Any) -> None:
