@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--codec", default="lz4", choices=("lz4", "zstd", "none"))
+    parser.add_argument(
+        "--decode-repeats", type=int, default=3, help="measurements of the limit"
+    )
     args = parser.parse_args(argv)
 
     from distributed import Client, LocalCluster
@@ -152,10 +155,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"warning: the store is smaller than {args.ratio}x the memory limit"
                 )
 
-            limit_rows_s = decode_limit(ds.path, list(ds.chunk_ids), args.workers)
+            # The limit varies a lot from one measurement to the next (3x
+            # between two runs on a quiet machine): take the median of several,
+            # one before and the others after the training epochs.
+            limits = [decode_limit(ds.path, list(ds.chunk_ids), args.workers)]
             print(
-                f"decode limit ({args.workers} processes): "
-                f"{limit_rows_s / 1e6:.2f} M rows/s"
+                f"decode limit ({args.workers} processes), before training: "
+                f"{limits[0] / 1e6:.2f} M rows/s"
             )
 
             pids_before = client.run(os.getpid)
@@ -169,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             history = trainer.fit(ds, epochs=args.epochs, progress=True)
             sampler.stop()
+            for _ in range(args.decode_repeats - 1):
+                limits.append(decode_limit(ds.path, list(ds.chunk_ids), args.workers))
+            limit_rows_s = statistics.median(limits)
+            print(
+                "decode limit, every measurement: "
+                + ", ".join(f"{x / 1e6:.2f}" for x in limits)
+                + f" M rows/s; median {limit_rows_s / 1e6:.2f}"
+            )
             pids_after = client.run(os.getpid)
             spilled = client.run(_spilled)
             trainer.close()
