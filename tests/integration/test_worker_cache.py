@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +44,46 @@ def test_second_client_keeps_running_caches(tmp_path: Path, client: Client) -> N
     second = engine.run_pass(ds.ref, model, params, pieces)
     assert second.cache_hits == 8
     assert second.partial.loss_sum == first.partial.loss_sum
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_workers_reuse_freed_decode_buffers(client: Client) -> None:
+    """Dask starts workers with MALLOC_TRIM_THRESHOLD_ set, which leaves
+    every large buffer to a fresh ``mmap``; the cache plugin makes glibc
+    serve chunk-sized buffers from its heap, where freed ones are reused (see
+    ``tune_malloc``)."""
+    Engine(client)  # registers the cache plugin on every worker
+
+    def mmapped_bytes_of_a_chunk_buffer() -> tuple[str | None, int]:
+        import ctypes
+        import os
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [
+                (name, ctypes.c_size_t)
+                for name in [
+                    "arena",
+                    "ordblks",
+                    "smblks",
+                    "hblks",
+                    "hblkhd",
+                    "usmblks",
+                    "fsmblks",
+                    "uordblks",
+                    "fordblks",
+                    "keepcost",
+                ]
+            ]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        before = libc.mallinfo2().hblkhd
+        buffer = np.ones((32 << 20) // 8)  # a 32 MB decoded chunk
+        during = libc.mallinfo2().hblkhd
+        del buffer
+        return os.environ.get("MALLOC_TRIM_THRESHOLD_"), during - before
+
+    results = client.run(mmapped_bytes_of_a_chunk_buffer)
+    for env, mmapped in results.values():
+        assert env is not None  # the workers do run in Dask's environment
+        assert mmapped < (1 << 20), f"{mmapped} bytes mmapped for the buffer"
