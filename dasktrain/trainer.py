@@ -948,20 +948,21 @@ class Trainer:
                         learning_rate=self.optimizer.learning_rate_at(run.step),
                         seconds=time.perf_counter() - t0,
                     )
-                    end_of_epoch = run.epoch_step + 1 == len(plan)
-                    if end_of_epoch:
-                        # Validate before the run moves on: if this fails, the
-                        # run (and what the store gets) stays at the last step.
-                        self._validate(row, params, validation, on_nonfinite)
-                    self._advance(
-                        run, row, params, opt_state, end_of_epoch, epochs, callbacks
-                    )
-                    # Checkpoint: commit when due (a new version, then one
-                    # metadata write), and always at the end of the fit.
-                    if self._commit_due(
-                        run, checkpoint_every, checkpoint_seconds, last_commit
+                    if self._close_step(
+                        ps,
+                        run,
+                        row,
+                        params,
+                        opt_state,
+                        end_of_epoch=run.epoch_step + 1 == len(plan),
+                        epochs=epochs,
+                        validation=validation,
+                        on_nonfinite=on_nonfinite,
+                        callbacks=callbacks,
+                        checkpoint_every=checkpoint_every,
+                        checkpoint_seconds=checkpoint_seconds,
+                        last_commit=last_commit,
                     ):
-                        self._commit(ps, run)
                         committed_step, last_commit = run.step, time.monotonic()
         finally:
             # On an error or Ctrl-C, keep the steps computed since the last
@@ -1002,6 +1003,38 @@ class Trainer:
             "cache_hit_rate": _hit_rate(res),
             **{k: v for k, v in extra.items() if k != "local_steps"},
         }
+
+    def _close_step(
+        self,
+        ps: ParamStore,
+        run: _Run,
+        row: dict[str, Any],
+        params: dict[str, np.ndarray],
+        opt_state: dict[str, np.ndarray],
+        *,
+        end_of_epoch: bool,
+        epochs: int,
+        validation: Dataset | None,
+        on_nonfinite: str,
+        callbacks: Sequence[Callback],
+        checkpoint_every: int | None,
+        checkpoint_seconds: float,
+        last_commit: float,
+    ) -> bool:
+        """End a checked step (or round) of a dense model: validate at an
+        epoch's end, move the run on, and commit when due.  Returns whether
+        it committed."""
+        if end_of_epoch:
+            # Validate before the run moves on: if this fails, the run (and
+            # what the store gets) stays at the last step.
+            self._validate(row, params, validation, on_nonfinite)
+        self._advance(run, row, params, opt_state, end_of_epoch, epochs, callbacks)
+        # Checkpoint: a new version, then one metadata write; always at the
+        # end of the fit.
+        if self._commit_due(run, checkpoint_every, checkpoint_seconds, last_commit):
+            self._commit(ps, run)
+            return True
+        return False
 
     def _advance(
         self,
@@ -1168,18 +1201,21 @@ class Trainer:
                         seconds=time.perf_counter() - t0,
                         local_steps=round_steps,
                     )
-                    end_of_epoch = run.epoch_step + 1 == len(plan)
-                    if end_of_epoch:
-                        # Validate before the run moves on (see _fit_steps).
-                        self._validate(row, params, validation, on_nonfinite)
-                    self._advance(
-                        run, row, params, opt_state, end_of_epoch, epochs, callbacks
-                    )
-                    # Checkpoint: as in _fit_steps.
-                    if self._commit_due(
-                        run, checkpoint_every, checkpoint_seconds, last_commit
+                    if self._close_step(
+                        ps,
+                        run,
+                        row,
+                        params,
+                        opt_state,
+                        end_of_epoch=run.epoch_step + 1 == len(plan),
+                        epochs=epochs,
+                        validation=validation,
+                        on_nonfinite=on_nonfinite,
+                        callbacks=callbacks,
+                        checkpoint_every=checkpoint_every,
+                        checkpoint_seconds=checkpoint_seconds,
+                        last_commit=last_commit,
                     ):
-                        self._commit(ps, run)
                         committed_step, last_commit = run.step, time.monotonic()
         finally:
             # On an error or Ctrl-C, keep the rounds since the last commit.
