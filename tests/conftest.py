@@ -6,8 +6,12 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 
+import psutil
 import pytest
 from distributed import Client, LocalCluster
+
+#: Seconds a test cluster may take to close before its workers are killed.
+CLOSE_TIMEOUT = 60
 
 
 @contextlib.contextmanager
@@ -30,7 +34,29 @@ def local_cluster(
         yield client
     finally:
         client.close()
-        cluster.close()
+        _close(cluster)
+
+
+def _close(cluster: LocalCluster) -> None:
+    """Close a cluster; if that hangs (seen once in CI: a nanny restarting a
+    worker that a fault test killed), kill its worker processes instead of
+    hanging the test session."""
+    pids = []
+    for nanny in list(cluster.workers.values()):
+        process = getattr(getattr(nanny, "process", None), "process", None)
+        if process is not None and process.pid is not None:
+            pids.append(process.pid)
+    try:
+        cluster.close(timeout=CLOSE_TIMEOUT)
+    except Exception as exc:  # TimeoutError, or a nanny's error while closing
+        logging.getLogger(__name__).warning(
+            "closing %s failed (%r); killing worker processes %s", cluster, exc, pids
+        )
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                for proc in [*psutil.Process(pid).children(recursive=True)]:
+                    proc.kill()
+                psutil.Process(pid).kill()
 
 
 @pytest.fixture(scope="session")
