@@ -388,7 +388,6 @@ class Trainer:
             ps = ParamStore.open(self.store_path)
             self._check_store_matches(ps)
             return ps
-        os.makedirs(os.path.dirname(os.path.abspath(self.store_path)), exist_ok=True)
         return ParamStore.create(
             self.store_path, keep_versions=self.keep_versions, meta={}
         )

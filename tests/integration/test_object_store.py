@@ -488,7 +488,13 @@ def test_missing_chunk_on_s3_is_named(s3: S3Server) -> None:
 # -- file:// URLs ----------------------------------------------------------------
 
 
-def test_file_urls(client: Client, tmp_path: Path) -> None:
+def test_file_urls(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A URL must never be taken for a relative path ("file:/tmp/...").
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     X, y = classification_arrays(1_200, 4, seed=5)
     data_url = f"file://{tmp_path}/d.zarr"
     ds = dt.Dataset.from_arrays(data_url, X=X, y=y, chunk_rows=CHUNK_ROWS)
@@ -506,3 +512,4 @@ def test_file_urls(client: Client, tmp_path: Path) -> None:
     resumed.close()
     assert ParamStore.open(run_url).committed == 2
     assert ParamStore.open(run_url).path == str(tmp_path / "run.zarr")
+    assert list(cwd.iterdir()) == []
