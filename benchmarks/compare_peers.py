@@ -399,7 +399,7 @@ def _child_dasktrain(name: str, spec: dict[str, Any], client: Client) -> None:
                 params["b"],
                 f"epoch {row['epoch']}",
                 step=row["step"],
-                evals=row.get("evals", 1),
+                evals=row.get("passes", 1),
                 reported_objective=row["objective"],
             )
             # The full-batch objective at the new parameters (L-BFGS rows), or

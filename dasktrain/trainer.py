@@ -1250,6 +1250,35 @@ class Trainer:
             loss, objective, grads = self._objective(res.partial, params, run.step + 1)
             return loss, objective, flatten(grads), res
 
+        def evaluate_many(xs: list[np.ndarray]) -> list[_Trial]:
+            """Trials at several points: one pass if more than one."""
+            if len(xs) == 1:
+                try:
+                    return [(xs[0], *evaluate(xs[0]))]
+                except DivergenceError:
+                    return [_nonfinite_trial(xs[0])]
+            params_list = [unflatten(x, like) for x in xs]
+            # One full pass on the cluster for all points (sync point).
+            results = self._engine.run_pass_many(
+                data.ref,
+                self.model,
+                params_list,
+                pieces,
+                placement_chunks=data.chunk_ids,
+                nonfinite=on_nonfinite,
+            )
+            out: list[_Trial] = []
+            for x, params, res in zip(xs, params_list, results, strict=True):
+                try:
+                    loss, objective, grads = self._objective(
+                        res.partial, params, run.step + 1
+                    )
+                except DivergenceError:
+                    out.append(_nonfinite_trial(x))
+                    continue
+                out.append((x, loss, objective, flatten(grads), res))
+            return out
+
         last_commit = time.monotonic()
         committed_step = run.step
         x = flatten(run.params)
@@ -1264,23 +1293,21 @@ class Trainer:
                 t0 = time.perf_counter()
                 p = opt.direction(run.opt_state, g)
                 ls = opt.line_search(f, float(g @ p))
-                trials: list[
-                    tuple[np.ndarray, float, float, np.ndarray, PassResult | None]
-                ] = []
+                trials: list[_Trial] = []
                 while not ls.done:
-                    alpha = ls.next_alpha()
-                    xt = x + alpha * p
-                    try:
-                        lt, ft, gt, rt = evaluate(xt)
-                    except DivergenceError:
-                        # A non-finite trial: the line search shrinks the step.
-                        ls.observe(alpha, math.nan, math.nan)
-                        trials.append(
-                            (xt, math.nan, math.nan, np.full_like(x, np.nan), None)
-                        )
-                        continue
-                    ls.observe(alpha, ft, float(gt @ p))
-                    trials.append((xt, lt, ft, gt, rt))
+                    alphas = ls.next_alphas(opt.n_candidates(run.opt_state, ls))
+                    batch = evaluate_many([x + alpha * p for alpha in alphas])
+                    # A non-finite trial (nan) makes the line search shorten
+                    # the step.
+                    ls.observe_many(
+                        [
+                            (alpha, ft, float(gt @ p))
+                            for alpha, (_, _, ft, gt, _) in zip(
+                                alphas, batch, strict=True
+                            )
+                        ]
+                    )
+                    trials.extend(batch)
                 result = ls.result
                 if not result.accepted:
                     if int(run.opt_state["n_hist"]) == 0:
@@ -1294,7 +1321,7 @@ class Trainer:
                 res = accepted
                 new_params = unflatten(x_new, like)
                 seconds = time.perf_counter() - t0
-                n_rows = res.partial.n_rows * len(trials)
+                n_rows = res.partial.n_rows * ls.n_rounds
                 row = {
                     "step": run.step + 1,
                     "epoch": run.epoch + 1,
@@ -1306,6 +1333,7 @@ class Trainer:
                     "rows_per_s": n_rows / seconds if seconds > 0 else math.nan,
                     "seconds": seconds,
                     "evals": len(trials),
+                    "passes": ls.n_rounds,
                     **{
                         f"train_{k}": v
                         for k, v in self.model.summarize(res.partial).items()
@@ -1816,3 +1844,12 @@ def _dataset_meta(data: Dataset) -> dict[str, Any]:
         "n_rows": int(sum(data.chunk_n_rows(c) for c in data.chunk_ids)),
         "chunk_ids": [int(c) for c in data.chunk_ids],
     }
+
+
+#: An L-BFGS trial: point, mean loss, objective, gradient, and its pass
+#: (``None`` for a non-finite trial).
+_Trial = tuple[np.ndarray, float, float, np.ndarray, "PassResult | None"]
+
+
+def _nonfinite_trial(x: np.ndarray) -> _Trial:
+    return (x, math.nan, math.nan, np.full_like(x, np.nan), None)

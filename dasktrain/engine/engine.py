@@ -39,7 +39,9 @@ from dasktrain.engine.tasks import (
     FAILED_LEAF_ATTRIBUTE,
     TaskReport,
     compute_leaves,
+    compute_leaves_many,
     local_sgd_leaves,
+    unpack_candidates,
 )
 from dasktrain.models.base import Model
 from dasktrain.optim.base import Optimizer
@@ -421,6 +423,55 @@ class Engine:
             return self._reduce(futures, len(pieces), t0)
 
         return self.retrying(f"a pass over {ref.url}", once)
+
+    def run_pass_many(
+        self,
+        ref: DatasetRef,
+        model: Model,
+        params_list: Sequence[Mapping[str, np.ndarray]],
+        pieces: Sequence[Piece],
+        *,
+        placement_chunks: Sequence[int] | None = None,
+        nonfinite: str = "raise",
+    ) -> list[PassResult]:
+        """Like :meth:`run_pass` with gradients, at several parameter sets in
+        one pass: every chunk is read once and evaluated at each set.
+
+        Each set's partial is summed by the same tree as a pass of its own;
+        the results share the pass's time and task reports.
+        """
+        if not params_list:
+            raise ValueError("a pass needs at least one parameter set")
+        if not pieces:
+            raise ValueError("a pass needs at least one piece")
+        n = len(params_list)
+
+        def once() -> PassResult:
+            t0 = time.perf_counter()
+            param_arg = [
+                {k: np.asarray(v) for k, v in params.items()} for params in params_list
+            ]
+            shared = self.scatter_if_large(
+                param_arg, sum(v.nbytes for p in param_arg for v in p.values())
+            )
+            futures = self.submit_leaf_tasks(
+                ref,
+                pieces,
+                placement_chunks,
+                "pass",
+                lambda part: (
+                    compute_leaves_many,
+                    (ref, model, shared, [(i, pieces[i]) for i in part], len(pieces)),
+                    {"nonfinite": nonfinite},
+                ),
+            )
+            return self._reduce(futures, len(pieces), t0)
+
+        packed = self.retrying(f"a pass over {ref.url}", once)
+        return [
+            PassResult(part, packed.seconds, packed.reports)
+            for part in unpack_candidates(packed.partial, n)
+        ]
 
     # -- local SGD rounds ------------------------------------------------------
     def run_local_round(

@@ -42,6 +42,7 @@ __all__ = [
     "LoadedChunk",
     "TaskReport",
     "compute_leaves",
+    "compute_leaves_many",
     "load_chunk",
     "local_average",
     "local_sgd_leaves",
@@ -264,6 +265,72 @@ def compute_leaves(
         if with_grads:
             return model.loss_and_grad(cast, batch)
         return model.loss(cast, batch)
+
+    return leaf_partials(
+        ref, model.fields, leaves, n_leaves, compute, nonfinite=nonfinite
+    )
+
+
+#: Separator of the candidate index in a packed multi-candidate partial:
+#: ``"<i>|<name>"`` (parameter names never contain ``|``).
+CANDIDATE_SEP = "|"
+#: Metric key of a candidate's loss sum in a packed partial.
+CANDIDATE_LOSS = "loss_sum"
+
+
+def pack_candidates(parts: Sequence[Partial]) -> Partial:
+    """Several candidates' partials of one leaf as one :class:`Partial`, whose
+    gradients and metrics are keyed ``"<i>|<name>"``: the fixed tree sums
+    each entry exactly as it would sum that candidate alone."""
+    grads: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
+    for i, part in enumerate(parts):
+        grads.update({f"{i}{CANDIDATE_SEP}{k}": g for k, g in part.grads.items()})
+        metrics.update({f"{i}{CANDIDATE_SEP}{k}": v for k, v in part.metrics.items()})
+        metrics[f"{i}{CANDIDATE_SEP}{CANDIDATE_LOSS}"] = part.loss_sum
+    return Partial(0.0, grads, parts[0].n_rows, metrics)
+
+
+def unpack_candidates(packed: Partial, n_candidates: int) -> list[Partial]:
+    """Inverse of :func:`pack_candidates` (on a reduced partial)."""
+    grads: list[dict[str, Any]] = [{} for _ in range(n_candidates)]
+    metrics: list[dict[str, float]] = [{} for _ in range(n_candidates)]
+    for key, g in packed.grads.items():
+        i, name = key.split(CANDIDATE_SEP, 1)
+        grads[int(i)][name] = g
+    for key, v in packed.metrics.items():
+        i, name = key.split(CANDIDATE_SEP, 1)
+        metrics[int(i)][name] = v
+    return [
+        Partial(m.pop(CANDIDATE_LOSS), g, packed.n_rows, m)
+        for g, m in zip(grads, metrics, strict=True)
+    ]
+
+
+def compute_leaves_many(
+    ref: DatasetRef,
+    model: Model,
+    params_list: Sequence[Mapping[str, np.ndarray]],
+    leaves: Sequence[tuple[int, Piece]],
+    n_leaves: int,
+    *,
+    nonfinite: str = "raise",
+) -> tuple[dict[Node, Partial], TaskReport]:
+    """:func:`compute_leaves` (with gradients) at several parameter sets: each
+    chunk is read once and :meth:`Model.loss_and_grad_many` evaluates every
+    set on it; the partials are packed (:func:`pack_candidates`)."""
+    cast: list[dict[str, np.ndarray]] = []
+
+    def compute(piece: Piece, loaded: LoadedChunk, was_hit: bool) -> Partial:
+        _check_labels(model, ref, piece.chunk_id, loaded)
+        batch = _batch(loaded, piece)
+        if not cast:
+            dtype = batch["X"].dtype if "X" in batch else np.dtype(np.float64)
+            cast.extend(
+                {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
+                for params in params_list
+            )
+        return pack_candidates(model.loss_and_grad_many(cast, batch))
 
     return leaf_partials(
         ref, model.fields, leaves, n_leaves, compute, nonfinite=nonfinite

@@ -12,7 +12,7 @@ float64; the caller casts parameters to that dtype) and return float64 sums.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -97,6 +97,18 @@ class Model(ABC):
     def loss_and_grad(self, params: Params, batch: Batch) -> Partial:
         """Sums over the batch rows: data loss, gradient of it, row count,
         metrics (see :meth:`metric_names`)."""
+
+    def loss_and_grad_many(
+        self, params_list: Sequence[Params], batch: Batch
+    ) -> list[Partial]:
+        """:meth:`loss_and_grad` at several parameter sets over one batch.
+
+        Used by line searches that try several step sizes in one pass over
+        the data.  The default evaluates each set in turn (the batch is read
+        once); models whose cost is dominated by reading the batch override it
+        with one fused computation.
+        """
+        return [self.loss_and_grad(p, batch) for p in params_list]
 
     @abstractmethod
     def loss(self, params: Params, batch: Batch) -> Partial:

@@ -14,6 +14,7 @@ import logging
 import math
 import numbers
 from abc import abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -459,6 +460,37 @@ class _LinearModel(Model):
 
     def loss_and_grad(self, params: Params, batch: Batch) -> Partial:
         return self._evaluate(params, batch, need_grad=True)
+
+    def loss_and_grad_many(
+        self, params_list: Sequence[Params], batch: Batch
+    ) -> list[Partial]:
+        """All parameter sets in two matrix products: ``X @ [w_1 .. w_k]``
+        and ``X.T @ [dz_1 .. dz_k]``, so ``X`` is streamed through memory
+        twice, not ``2 k`` times."""
+        if len(params_list) < 2:
+            return [self.loss_and_grad(p, batch) for p in params_list]
+        X = as_features(batch["X"])
+        y = np.asarray(batch["y"])
+        d = X.shape[1]
+        ws = [np.asarray(p["w"], dtype=X.dtype).reshape(d, -1) for p in params_list]
+        width = ws[0].shape[1]
+        Z = X @ np.concatenate(ws, axis=1)
+        heads = []
+        for i, p in enumerate(params_list):
+            z = np.ascontiguousarray(Z[:, i * width : (i + 1) * width])
+            if self._n_outputs is None:
+                z = z.reshape(-1)
+            z += np.asarray(p["b"], dtype=X.dtype)
+            heads.append(self._head(z, y, need_grad=True))
+        dzs = [h.dz for h in heads if h.dz is not None]
+        dz = np.concatenate([a.reshape(X.shape[0], width) for a in dzs], axis=1)
+        G = to_float64(X.T @ dz)
+        out = []
+        for i, (p, head, dz_i) in enumerate(zip(params_list, heads, dzs, strict=True)):
+            gw = G[:, i * width : (i + 1) * width].reshape(np.shape(p["w"]))
+            grads = {"w": np.ascontiguousarray(gw), "b": sum_rows(dz_i)}
+            out.append(Partial(head.loss_sum, grads, int(X.shape[0]), head.metrics))
+        return out
 
     def loss(self, params: Params, batch: Batch) -> Partial:
         return self._evaluate(params, batch, need_grad=False)

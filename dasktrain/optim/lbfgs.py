@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -84,6 +84,9 @@ _EXTRAPOLATE_MIN = 1.1
 _EXTRAPOLATE_MAX = 4.0
 #: stop zooming when the interval is this small relative to the step
 _INTERVAL_RTOL = 1e-12
+
+#: step sizes per pass of an automatic multi-candidate line search
+AUTO_CANDIDATES = 3
 
 #: line search outcomes
 WOLFE = "wolfe"  # strong Wolfe conditions hold at the accepted step
@@ -264,7 +267,8 @@ class WolfeLineSearch:
     c1, c2 : float
         Wolfe constants, ``0 < c1 < c2 < 1``.
     max_steps : int
-        Maximum number of trials (evaluations).
+        Maximum number of rounds (calls of :meth:`observe` or
+        :meth:`observe_many`).
 
     Examples
     --------
@@ -309,7 +313,12 @@ class WolfeLineSearch:
         self._widths: list[float] = []
         self._pending = alpha0
         self._n_evals = 0
+        self._n_rounds = 0
+        #: speculative trials (not asked for by the machine) that satisfy
+        #: both strong-Wolfe conditions
+        self._extra_wolfe: list[_Trial] = []
         self._result: LineSearchResult | None = None
+        self._result_trial = self._origin
 
     # -- public state ---------------------------------------------------------
     @property
@@ -329,38 +338,123 @@ class WolfeLineSearch:
         """Number of trials observed so far."""
         return self._n_evals
 
+    @property
+    def n_rounds(self) -> int:
+        """Number of rounds (calls of :meth:`observe` or :meth:`observe_many`,
+        that is passes over the data) so far."""
+        return self._n_rounds
+
     def next_alpha(self) -> float:
         """The step to evaluate next."""
         if self._result is not None:
             raise RuntimeError("line search is done: read .result")
         return self._pending
 
+    def next_alphas(self, k: int) -> list[float]:
+        """The pending step first, then up to ``k - 1`` guesses of steps the
+        search may want next, to be evaluated together (one pass over the
+        data) and reported with :meth:`observe_many`.
+
+        While bracketing, the guesses halve the step and extend it fourfold
+        (then quarter it, and tenfold); while zooming, they bisect the two
+        parts of the interval on either side of the pending step (then its
+        quarters), so that whichever part the pending trial leaves, a guess
+        lies inside it.
+        """
+        pending = self.next_alpha()
+        k = _check_int("k", k, minimum=1)
+        if self._zooming:
+            a, b = sorted((self._lo.alpha, self._hi.alpha))
+            fractions = (0.5, 0.25, 0.75)
+            guesses = [
+                edge + frac * (pending - edge) for frac in fractions for edge in (a, b)
+            ]
+        else:
+            start = self._prev.alpha
+            width = pending - start
+            guesses = [start + m * width for m in (0.5, 4.0, 0.25, 10.0, 0.1)]
+        out = [pending]
+        for guess in guesses:
+            if len(out) >= k:
+                break
+            if math.isfinite(guess) and guess > 0.0 and guess not in out:
+                out.append(guess)
+        return out
+
+    def usable(self, alpha: float) -> bool:
+        """Whether a trial at ``alpha`` can move the search now: the pending
+        step, a step inside the zoom interval, or (while bracketing) a step
+        beyond the last one."""
+        if self._result is not None or not (math.isfinite(alpha) and alpha > 0.0):
+            return False
+        if alpha == self._pending:
+            return True
+        if self._zooming:
+            a, b = sorted((self._lo.alpha, self._hi.alpha))
+            return a < alpha < b
+        return alpha > self._prev.alpha
+
     def observe(self, alpha: float, f: float, gdotp: float) -> None:
         """Report ``f(x + alpha p)`` and ``g(x + alpha p) @ p`` for the pending step.
 
         ``f`` or ``gdotp`` may be non-finite (the step is then shortened).
         """
+        self.observe_many([(alpha, f, gdotp)])
+
+    def observe_many(self, trials: Sequence[tuple[float, float, float]]) -> None:
+        """Report a round of trials ``(alpha, f, gdotp)`` evaluated together:
+        the pending step first (as from :meth:`next_alphas`), then any others.
+
+        The pending trial moves the machine as in :meth:`observe`; each other
+        trial then moves it too if it is still :meth:`usable`, in the given
+        order.  A speculative trial that satisfies both strong-Wolfe
+        conditions ends the search; among such trials (and the machine's own
+        Wolfe step) the one with the lowest objective is taken.  Trials are
+        numbered in the order reported, across rounds
+        (:attr:`LineSearchResult.trial_index`).  ``max_steps`` counts rounds.
+        """
         if self._result is not None:
             raise RuntimeError("line search is done: read .result")
-        if alpha != self._pending:
+        if not trials or trials[0][0] != self._pending:
+            got = trials[0][0] if trials else None
             raise ValueError(
-                f"observe() got alpha={alpha!r} but the pending trial is "
-                f"{self._pending!r} (from next_alpha())"
+                f"the first trial must be the pending step {self._pending!r} "
+                f"(from next_alpha()), got alpha={got!r}"
             )
-        trial = _Trial(float(alpha), float(f), float(gdotp), self._n_evals)
-        self._n_evals += 1
-        if (
-            trial.finite
-            and self._sufficient_decrease(trial)
-            and (self._best is None or trial.f < self._best.f)
-        ):
-            self._best = trial
-        if self._zooming:
-            self._observe_zoom(trial)
-        else:
-            self._observe_bracket(trial)
-        if self._result is None and self._n_evals >= self._max_steps:
-            logger.debug("line search: %d trials without a Wolfe step", self._n_evals)
+        batch = []
+        for alpha, f, gdotp in trials:
+            trial = _Trial(float(alpha), float(f), float(gdotp), self._n_evals)
+            self._n_evals += 1
+            batch.append(trial)
+            if (
+                trial.finite
+                and self._sufficient_decrease(trial)
+                and (self._best is None or trial.f < self._best.f)
+            ):
+                self._best = trial
+        self._n_rounds += 1
+        self._extra_wolfe.extend(
+            t
+            for t in batch[1:]
+            if t.finite and self._sufficient_decrease(t) and self._curvature(t)
+        )
+        for i, trial in enumerate(batch):
+            if self._result is not None:
+                break
+            if i > 0 and not self.usable(trial.alpha):
+                continue
+            if self._zooming:
+                self._observe_zoom(trial)
+            else:
+                self._observe_bracket(trial)
+        if self._extra_wolfe:
+            found = list(self._extra_wolfe)
+            if self._result is not None and self._result.status == WOLFE:
+                found.append(self._result_trial)
+            self._finish(WOLFE, min(found, key=lambda t: (t.f, t.position)))
+            return
+        if self._result is None and self._n_rounds >= self._max_steps:
+            logger.debug("line search: %d rounds without a Wolfe step", self._n_rounds)
             self._finish_without_wolfe()
 
     # -- the machine ----------------------------------------------------------
@@ -375,6 +469,7 @@ class WolfeLineSearch:
         return abs(trial.gdotp) <= -self._c2 * self._d0
 
     def _finish(self, status: str, trial: _Trial) -> None:
+        self._result_trial = trial
         self._result = LineSearchResult(
             status, trial.alpha, trial.f, trial.gdotp, trial.position, self._n_evals
         )
@@ -508,11 +603,19 @@ class LBFGS(Optimizer):
     tol : float
         Gradient tolerance, ``>= 0``.
     max_line_search : int
-        Maximum evaluations per line search, ``>= 1``.
+        Maximum passes (rounds of trials) per line search, ``>= 1``.
     ftol : float
         Relative decrease below which an iteration counts as stalled, ``>= 0``.
     c1, c2 : float
         Wolfe constants, ``0 < c1 < c2 < 1``.
+    line_search_candidates : int or None
+        Step sizes evaluated together in one pass of the line search
+        (:meth:`WolfeLineSearch.next_alphas`); ``None`` (default) chooses
+        per pass (:meth:`n_candidates`).  On cached data a linear model
+        evaluates three step sizes in about twice the time of one; on data
+        read from the store they cost one read.  With a local function
+        (:func:`minimize_lbfgs` without ``fun_and_grad_many``) there is
+        nothing to share and one step is evaluated at a time.
 
     Examples
     --------
@@ -538,7 +641,13 @@ class LBFGS(Optimizer):
         ftol: float = DEFAULT_FTOL,
         c1: float = 1e-4,
         c2: float = 0.9,
+        line_search_candidates: int | None = None,
     ) -> None:
+        if line_search_candidates is not None:
+            line_search_candidates = _check_int(
+                "line_search_candidates", line_search_candidates, minimum=1
+            )
+        self.line_search_candidates = line_search_candidates
         self.history = _check_int("history", history, minimum=1)
         self.tol = _check_nonnegative("tol", tol)
         self.ftol = _check_nonnegative("ftol", ftol)
@@ -555,6 +664,7 @@ class LBFGS(Optimizer):
             "ftol": self.ftol,
             "c1": self.c1,
             "c2": self.c2,
+            "line_search_candidates": self.line_search_candidates,
         }
 
     # -- state ----------------------------------------------------------------
@@ -667,6 +777,25 @@ class LBFGS(Optimizer):
             max_steps=self.max_line_search,
         )
 
+    def n_candidates(
+        self, state: Mapping[str, np.ndarray], search: WolfeLineSearch
+    ) -> int:
+        """How many step sizes to evaluate in the next pass of ``search``.
+
+        ``line_search_candidates`` if set.  Otherwise (``None``, automatic):
+        one for the first pass of a search with curvature pairs stored (the
+        unit step is then almost always accepted), and
+        :data:`AUTO_CANDIDATES` when the step's scale is unknown (no pairs
+        yet, or after a reset) and in every later pass of a search (the unit
+        step was rejected).  The choice depends on the run's state only, so
+        runs stay reproducible on any cluster.
+        """
+        if self.line_search_candidates is not None:
+            return self.line_search_candidates
+        if search.n_rounds == 0 and int(state["n_hist"]) > 0:
+            return 1
+        return AUTO_CANDIDATES
+
     def converged(self, f: float, grad: np.ndarray) -> bool:
         """``max|grad| <= tol * max(1, |f|)``."""
         g = np.asarray(grad, dtype=np.float64)
@@ -717,6 +846,7 @@ class IterationInfo(NamedTuple):
 
 
 FunAndGrad = Callable[[np.ndarray], tuple[float, np.ndarray]]
+FunAndGradMany = Callable[[list[np.ndarray]], Sequence[tuple[float, np.ndarray]]]
 
 
 def minimize_lbfgs(
@@ -727,6 +857,7 @@ def minimize_lbfgs(
     max_iter: int,
     state: Mapping[str, np.ndarray] | None = None,
     callback: Callable[[IterationInfo], bool | None] | None = None,
+    fun_and_grad_many: FunAndGradMany | None = None,
 ) -> MinimizeResult:
     """Minimize ``fun_and_grad`` from ``x0`` with L-BFGS.
 
@@ -748,12 +879,17 @@ def minimize_lbfgs(
     callback : callable, optional
         Called with an :class:`IterationInfo` after each accepted step;
         returning True stops.
+    fun_and_grad_many : callable, optional
+        ``[x_1, ..., x_k] -> [(f_1, grad_1), ...]``, evaluating several
+        points at once (for example in one pass over data).  When given, the
+        line search evaluates :meth:`LBFGS.n_candidates` step sizes per call.
 
     Returns
     -------
     MinimizeResult
         ``(x, f, n_evals, n_iter)``: the final point and value, the number of
-        calls to ``fun_and_grad`` and of completed iterations.
+        evaluation rounds (calls of ``fun_and_grad`` or of
+        ``fun_and_grad_many``) and of completed iterations.
 
     Examples
     --------
@@ -784,12 +920,25 @@ def minimize_lbfgs(
         ls = optimizer.line_search(f, float(g @ p))
         trials: list[tuple[np.ndarray, float, np.ndarray]] = []
         while not ls.done:
-            alpha = ls.next_alpha()
-            x_trial = x + alpha * p
-            f_trial, g_trial = _evaluate(fun_and_grad, x_trial)
+            if fun_and_grad_many is None:
+                alphas = [ls.next_alpha()]
+            else:
+                alphas = ls.next_alphas(optimizer.n_candidates(current, ls))
+            points = [x + alpha * p for alpha in alphas]
+            if fun_and_grad_many is None:
+                values = [_evaluate(fun_and_grad, points[0])]
+            else:
+                values = _evaluate_many(fun_and_grad_many, points)
             n_evals += 1
-            ls.observe(alpha, f_trial, float(g_trial @ p))
-            trials.append((x_trial, f_trial, g_trial))
+            ls.observe_many(
+                [
+                    (alpha, f_t, float(g_t @ p))
+                    for alpha, (f_t, g_t) in zip(alphas, values, strict=True)
+                ]
+            )
+            trials.extend(
+                (x_t, f_t, g_t) for x_t, (f_t, g_t) in zip(points, values, strict=True)
+            )
         result = ls.result
         if not result.accepted:
             if int(current["n_hist"]) == 0:
@@ -824,7 +973,22 @@ def minimize_lbfgs(
 
 def _evaluate(fun_and_grad: FunAndGrad, x: np.ndarray) -> tuple[float, np.ndarray]:
     f, g = fun_and_grad(x.copy())
+    return _checked(x, f, g)
+
+
+def _checked(x: np.ndarray, f: object, g: object) -> tuple[float, np.ndarray]:
     grad = np.asarray(g, dtype=np.float64).ravel()
     if grad.shape != x.shape:
         raise ValueError(f"gradient has shape {grad.shape}, expected {x.shape}")
-    return float(f), grad
+    return float(f), grad  # type: ignore[arg-type]
+
+
+def _evaluate_many(
+    fun_and_grad_many: FunAndGradMany, points: list[np.ndarray]
+) -> list[tuple[float, np.ndarray]]:
+    values = list(fun_and_grad_many([x.copy() for x in points]))
+    if len(values) != len(points):
+        raise ValueError(
+            f"fun_and_grad_many returned {len(values)} values for {len(points)} points"
+        )
+    return [_checked(x, f, g) for x, (f, g) in zip(points, values, strict=True)]

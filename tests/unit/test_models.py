@@ -222,6 +222,36 @@ def test_loss_equals_loss_and_grad_without_grads(model: Model) -> None:
 
 
 @pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_loss_and_grad_many_equals_one_set_at_a_time(
+    model: Model, dtype: type[np.floating]
+) -> None:
+    rng = np.random.default_rng(5)
+    batch = random_batch(model, rng, 40)
+    batch = {"X": batch["X"].astype(dtype), "y": batch["y"]}
+    before = batch["X"].copy()
+    sets = [random_params(model, rng) for _ in range(3)]
+    many = model.loss_and_grad_many(sets, batch)
+    np.testing.assert_array_equal(batch["X"], before)
+    rel = 1e-12 if dtype is np.float64 else 1e-5
+    assert len(many) == 3
+    for params, got in zip(sets, many, strict=True):
+        want = model.loss_and_grad(params, batch)
+        assert got.loss_sum == pytest.approx(want.loss_sum, rel=rel)
+        assert got.n_rows == want.n_rows
+        assert tuple(got.metrics) == tuple(want.metrics)
+        assert dict(got.metrics) == pytest.approx(dict(want.metrics), rel=rel)
+        assert set(got.grads) == set(want.grads)
+        for name, grad in got.grads.items():
+            assert grad.dtype == np.float64
+            assert grad.shape == params[name].shape
+            np.testing.assert_allclose(grad, want.grads[name], rtol=rel, atol=rel)
+    # One set: exactly the single evaluation.
+    [one] = model.loss_and_grad_many(sets[:1], batch)
+    assert one.loss_sum == model.loss_and_grad(sets[0], batch).loss_sum
+
+
+@pytest.mark.parametrize("model", MODELS)
 def test_batch_is_not_modified(model: Model) -> None:
     rng = np.random.default_rng(3)
     params = random_params(model, rng)

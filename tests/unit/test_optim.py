@@ -732,3 +732,168 @@ def test_advance_counts_moves_only_the_step_counters(case: Case) -> None:
     assert all(np.all(np.isfinite(u)) for u in updates.values())
     with pytest.raises(ValueError, match="n_steps must be >= 0"):
         advance_counts(state, -1)
+
+
+# -- several step sizes per pass -----------------------------------------------
+def _run_batched(
+    phi: Callable[[float], tuple[float, float]],
+    alpha0: float,
+    c1: float,
+    c2: float,
+    k: int,
+) -> WolfeLineSearch:
+    f0, d0 = phi(0.0)
+    ls = WolfeLineSearch(f0, d0, alpha0, c1=c1, c2=c2, max_steps=30)
+    while not ls.done:
+        alphas = ls.next_alphas(k)
+        assert alphas[0] == ls.next_alpha()
+        assert len(alphas) == len(set(alphas)) <= k
+        assert all(a > 0 and math.isfinite(a) for a in alphas)
+        ls.observe_many([(a, *phi(a)) for a in alphas])
+    return ls
+
+
+@pytest.mark.parametrize("phi", [_mt1, _mt2, _quadratic, _undefined_beyond_one])
+@pytest.mark.parametrize("alpha0", [1e-3, 0.1, 1.0, 10.0, 1e3])
+@pytest.mark.parametrize(("c1", "c2"), [(1e-4, 0.9), (1e-3, 0.1)])
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_batched_line_search_satisfies_strong_wolfe_in_fewer_rounds(
+    phi: Callable[[float], tuple[float, float]],
+    alpha0: float,
+    c1: float,
+    c2: float,
+    k: int,
+) -> None:
+    single = _run_line_search(phi, alpha0, c1, c2)
+    ls = _run_batched(phi, alpha0, c1, c2, k)
+    result = ls.result
+    f0, d0 = phi(0.0)
+    assert result.status == "wolfe", result
+    f, d = phi(result.alpha)
+    assert (f, d) == (result.f, result.gdotp)
+    assert f <= f0 + c1 * result.alpha * d0, result
+    assert abs(d) <= c2 * abs(d0), result
+    # Never more passes than one step at a time, and the step is at least as
+    # good as the one a single-step search may settle for.
+    assert ls.n_rounds <= single.n_rounds, (ls.n_rounds, single.n_rounds)
+    assert result.n_evals <= k * ls.n_rounds
+    assert 0 <= result.trial_index < result.n_evals
+
+
+def test_batched_line_search_saves_passes() -> None:
+    # Moré-Thuente's function 2 needs 7 single trials from alpha 1, and a
+    # function undefined beyond 1 needs 7 from alpha 1000.
+    for phi, alpha0, most in ((_mt2, 1.0, 4), (_undefined_beyond_one, 1e3, 5)):
+        single = _run_line_search(phi, alpha0, 1e-4, 0.9)
+        batched = _run_batched(phi, alpha0, 1e-4, 0.9, 3)
+        assert single.n_rounds == 7
+        assert batched.n_rounds <= most, (phi, batched.n_rounds)
+
+
+def test_one_candidate_per_round_is_the_step_at_a_time_search() -> None:
+    for phi in (_mt1, _mt2, _quadratic, _undefined_beyond_one):
+        single = _run_line_search(phi, 10.0, 1e-4, 0.9)
+        batched = _run_batched(phi, 10.0, 1e-4, 0.9, 1)
+        assert batched.result == single.result
+        assert batched.n_rounds == single.n_rounds == single.result.n_evals
+
+
+def test_a_speculative_wolfe_step_with_a_lower_objective_wins() -> None:
+    # Along p, the minimum is at 3.5; the unit step already meets the (loose)
+    # strong-Wolfe conditions, a guessed step 4.0 meets them with a lower f.
+    ls = WolfeLineSearch(*_quadratic_at(0.0), 1.0, c1=1e-4, c2=0.9)
+    alphas = ls.next_alphas(3)
+    assert alphas == [1.0, 0.5, 4.0]
+    ls.observe_many([(a, *_quadratic_at(a)) for a in alphas])
+    assert ls.done and ls.n_rounds == 1
+    assert ls.result.alpha == 4.0 and ls.result.trial_index == 2
+    assert ls.result.f == _quadratic_at(4.0)[0]
+
+
+def _quadratic_at(alpha: float) -> tuple[float, float]:
+    return (alpha - 3.5) ** 2 / 10.0, (alpha - 3.5) / 5.0
+
+
+def test_zoom_guesses_bracket_the_pending_step() -> None:
+    ls = WolfeLineSearch(0.0, -1.0, 1.0, c1=1e-4, c2=0.1)
+    ls.observe(1.0, 5.0, 10.0)  # far too long: zoom into (0, 1)
+    pending = ls.next_alpha()
+    assert 0.0 < pending < 1.0
+    alphas = ls.next_alphas(3)
+    assert alphas[0] == pending
+    assert min(alphas[1:]) < pending < max(alphas[1:])
+    assert all(ls.usable(a) for a in alphas)
+    assert not ls.usable(1.0) and not ls.usable(0.0) and not ls.usable(math.nan)
+
+
+def test_observe_many_protocol() -> None:
+    ls = WolfeLineSearch(0.0, -1.0, 1.0, max_steps=2)
+    with pytest.raises(ValueError, match="pending"):
+        ls.observe_many([(0.5, 0.0, 0.0), (1.0, 0.0, 0.0)])
+    with pytest.raises(ValueError, match="pending"):
+        ls.observe_many([])
+    with pytest.raises(ValueError, match="k must be"):
+        ls.next_alphas(0)
+    # max_steps counts rounds, not trials: two rounds of three worse trials.
+    for _ in range(2):
+        ls.observe_many([(a, 1.0, 1.0) for a in ls.next_alphas(3)])
+    assert ls.done and ls.n_rounds == 2
+    assert ls.result.status == "failed" and ls.result.n_evals == 6
+
+
+def test_lbfgs_candidates_setting() -> None:
+    from dasktrain.optim import LBFGS, optimizer_from_config
+
+    opt = LBFGS(line_search_candidates=4)
+    assert optimizer_from_config(opt.config()) == opt
+    assert optimizer_from_config(LBFGS().config()) == LBFGS()
+    for bad in (0, -1, 2.5, "3", True):
+        with pytest.raises((TypeError, ValueError), match="line_search_candidates"):
+            LBFGS(line_search_candidates=bad)  # type: ignore[arg-type]
+    state = LBFGS().init_state(3)
+    ls = WolfeLineSearch(0.0, -1.0)
+    assert opt.n_candidates(state, ls) == 4
+    # Automatic: several when the scale is unknown, one with curvature pairs
+    # on the first pass, several on later passes.
+    auto = LBFGS()
+    assert auto.n_candidates(state, ls) == 3
+    state = auto.push(state, np.ones(3), np.ones(3))
+    assert auto.n_candidates(state, ls) == 1
+    ls.observe(1.0, 5.0, 10.0)
+    assert auto.n_candidates(state, ls) == 3
+
+
+@pytest.mark.parametrize("k", [None, 1, 3])
+def test_minimize_lbfgs_with_batched_evaluations(k: int | None) -> None:
+    from dasktrain.optim import LBFGS, minimize_lbfgs
+
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(300, 6))
+    y = (A @ rng.normal(size=6) + rng.normal(size=300) > 0).astype(float)
+    calls: list[int] = []
+
+    def fun(w: np.ndarray) -> tuple[float, np.ndarray]:
+        z = A @ w
+        s = 2 * y - 1
+        f = float(np.mean(np.logaddexp(0, -s * z)) + 5e-3 * w @ w)
+        g = A.T @ (-s / (1 + np.exp(s * z))) / len(z) + 1e-2 * w
+        return f, g
+
+    def many(ws: list[np.ndarray]) -> list[tuple[float, np.ndarray]]:
+        calls.append(len(ws))
+        return [fun(w) for w in ws]
+
+    opt = LBFGS(tol=1e-9, line_search_candidates=k)
+    plain = minimize_lbfgs(fun, np.zeros(6), optimizer=opt, max_iter=100)
+    res = minimize_lbfgs(
+        fun, np.zeros(6), optimizer=opt, max_iter=100, fun_and_grad_many=many
+    )
+    assert res.n_evals == 1 + len(calls)  # x0, then the rounds
+    # Both stop where an iteration no longer decreases f (ftol).
+    assert abs(res.f - plain.f) <= 1e-9 * abs(plain.f)
+    assert res.n_evals <= plain.n_evals
+    if k == 1:
+        np.testing.assert_array_equal(res.x, plain.x)
+        assert set(calls) == {1}
+    else:
+        assert max(calls) == 3
