@@ -601,7 +601,19 @@ class Trainer:
             saved = run.callbacks.get(type(cb).__name__)
             if saved is not None:
                 cb.load_state_dict(saved)
-        if run.epoch >= epochs or run.status in ("converged", "stopped"):
+        if run.epoch < epochs and run.status in ("converged", "stopped"):
+            # Re-running a script must not extend a run that ended on its own
+            # (early stopping, a callback, convergence): say so loudly.
+            logger.warning(
+                "store %s holds a run that ended as %r at epoch %d; fit(epochs=%d) "
+                "does not continue it (train further in a new store)",
+                self.store_path,
+                run.status,
+                run.epoch,
+                epochs,
+            )
+            return run.history
+        if run.epoch >= epochs:
             logger.info(
                 "store %s already has %d epochs (status %s); nothing to do",
                 self.store_path,
@@ -1719,6 +1731,8 @@ class Trainer:
         if isinstance(X, da.Array):
             if X.ndim != 2:
                 raise ValueError(f"X must be 2-d, got shape {X.shape}")
+            if X.dtype.kind not in "fiub":
+                raise TypeError(f"X must be numeric, got dtype {X.dtype}")
             self._check_width(X.shape[1])
             if X.chunks[1] != (X.shape[1],):
                 X = X.rechunk({1: -1})
@@ -1764,6 +1778,20 @@ class Trainer:
             state = (
                 f"step {self._run.step}, epoch {self._run.epoch}, {self._run.status}"
             )
+        else:
+            # A resumed run not loaded yet: describe the store's committed
+            # version (a repr must not fail, and reads metadata only).
+            try:
+                if ParamStore.exists(self.store_path):
+                    meta = ParamStore.open(self.store_path).meta
+                    prog = meta.get("progress", {})
+                    if "step" in prog:
+                        state = (
+                            f"committed step {prog['step']}, epoch "
+                            f"{prog.get('epoch', '?')}, {meta.get('status', '?')}"
+                        )
+            except Exception:
+                state = "store unreadable"
         return (
             f"Trainer({self.model!r}, {self.optimizer!r}, "
             f"store={self.store_path!r}; {state})"

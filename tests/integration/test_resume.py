@@ -109,9 +109,12 @@ def test_resume_after_some_epochs(
     del first
 
     trainer = dt.Trainer.resume(path, client=client)
+    steps_done = dt.ParamStore.open(path).committed
+    assert f"committed step {steps_done}, epoch 2, finished" in repr(trainer)
     history = trainer.fit(
         train, epochs=EPOCHS, batch_rows=batch_rows, validation=val, progress=False
     )
+    assert f"epoch {EPOCHS}, finished" in repr(trainer)
     params, expected = reference[opt, batch_rows]
     assert_same_params(trainer.params, params, f"{opt} batch_rows={batch_rows}")
     assert_same_params(stored_params(path), params, "store")
