@@ -401,23 +401,46 @@ class Engine:
         """
         if not pieces:
             raise ValueError("a pass needs at least one piece")
+        param_arg = {k: np.asarray(v) for k, v in params.items()}
+        return self._leaf_pass(
+            ref,
+            model,
+            pieces,
+            placement_chunks,
+            compute_leaves,
+            param_arg,
+            sum(v.nbytes for v in param_arg.values()),
+            {"with_grads": with_grads, "nonfinite": nonfinite},
+        )
+
+    def _leaf_pass(
+        self,
+        ref: DatasetRef,
+        model: Model,
+        pieces: Sequence[Piece],
+        placement_chunks: Sequence[int] | None,
+        func: Callable[..., Any],
+        payload: Any,
+        nbytes: int,
+        kwargs: dict[str, Any],
+    ) -> PassResult:
+        """``func(ref, model, payload, leaves, n_leaves, **kwargs)`` in one
+        task per worker thread, reduced by the fixed tree, retried on lost
+        workers."""
 
         def once() -> PassResult:
             t0 = time.perf_counter()
-            param_arg = {k: np.asarray(v) for k, v in params.items()}
             # Sync point (large parameters): one upload per pass.
-            shared = self.scatter_if_large(
-                param_arg, sum(v.nbytes for v in param_arg.values())
-            )
+            shared = self.scatter_if_large(payload, nbytes)
             futures = self.submit_leaf_tasks(
                 ref,
                 pieces,
                 placement_chunks,
                 "pass",
                 lambda part: (
-                    compute_leaves,
+                    func,
                     (ref, model, shared, [(i, pieces[i]) for i in part], len(pieces)),
-                    {"with_grads": with_grads, "nonfinite": nonfinite},
+                    kwargs,
                 ),
             )
             return self._reduce(futures, len(pieces), t0)
@@ -444,33 +467,22 @@ class Engine:
             raise ValueError("a pass needs at least one parameter set")
         if not pieces:
             raise ValueError("a pass needs at least one piece")
-        n = len(params_list)
-
-        def once() -> PassResult:
-            t0 = time.perf_counter()
-            param_arg = [
-                {k: np.asarray(v) for k, v in params.items()} for params in params_list
-            ]
-            shared = self.scatter_if_large(
-                param_arg, sum(v.nbytes for p in param_arg for v in p.values())
-            )
-            futures = self.submit_leaf_tasks(
-                ref,
-                pieces,
-                placement_chunks,
-                "pass",
-                lambda part: (
-                    compute_leaves_many,
-                    (ref, model, shared, [(i, pieces[i]) for i in part], len(pieces)),
-                    {"nonfinite": nonfinite},
-                ),
-            )
-            return self._reduce(futures, len(pieces), t0)
-
-        packed = self.retrying(f"a pass over {ref.url}", once)
+        param_arg = [
+            {k: np.asarray(v) for k, v in params.items()} for params in params_list
+        ]
+        packed = self._leaf_pass(
+            ref,
+            model,
+            pieces,
+            placement_chunks,
+            compute_leaves_many,
+            param_arg,
+            sum(v.nbytes for p in param_arg for v in p.values()),
+            {"nonfinite": nonfinite},
+        )
         return [
             PassResult(part, packed.seconds, packed.reports)
-            for part in unpack_candidates(packed.partial, n)
+            for part in unpack_candidates(packed.partial, len(params_list))
         ]
 
     # -- local SGD rounds ------------------------------------------------------
