@@ -28,8 +28,8 @@ from dasktrain.callbacks import Callback, EarlyStopping, ProgressBar
 from dasktrain.data import Dataset
 from dasktrain.engine.cache import DEFAULT_CACHE_FRACTION, worker_cache
 from dasktrain.engine.cluster import ClientHandle, get_client
-from dasktrain.engine.engine import Engine, PassResult, local_sgd_rounds
-from dasktrain.engine.plan import Piece, epoch_steps, full_pass
+from dasktrain.engine.engine import Engine, PassResult
+from dasktrain.engine.plan import Piece, epoch_steps, full_pass, local_sgd_rounds
 from dasktrain.engine.sharded import (
     ShardedEngine,
     ShardedPassResult,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -56,7 +55,6 @@ __all__ = [
     "PassResult",
     "PassStalledError",
     "WorkerInfo",
-    "local_sgd_rounds",
 ]
 
 #: Parameters up to this size travel inside the task; larger ones are
@@ -564,60 +562,3 @@ def _split(leaves: list[int], n: int) -> list[list[int]]:
     n = max(1, min(n, len(leaves)))
     bounds = np.linspace(0, len(leaves), n + 1).round().astype(int)
     return [leaves[a:b] for a, b in itertools.pairwise(bounds) if b > a]
-
-
-def local_sgd_rounds(
-    chunk_ids: Sequence[int],
-    chunk_n_rows: Callable[[int], int],
-    *,
-    batch_rows: int,
-    local_steps: int,
-    seed: int,
-    epoch: int,
-) -> list[list[tuple[Piece, ...]]]:
-    """The rounds of one epoch of local SGD.  A pure function.
-
-    Each chunk's rows are shuffled by ``(seed, epoch, chunk)`` and split into
-    ``ceil(rows / batch_rows)`` nearly equal minibatches (the slices of
-    :func:`~dasktrain.engine.plan.epoch_steps`; a chunk of at most
-    ``batch_rows`` rows is one minibatch in its natural order).  Round ``r``
-    holds, for each chunk in ``chunk_ids`` order that has any left, its
-    minibatches ``r * local_steps`` to ``(r + 1) * local_steps - 1``: one leaf
-    of the reduction tree per chunk.  So every row is visited once per epoch,
-    and ``local_steps`` at least a chunk's minibatch count makes one round
-    per epoch.
-
-    Examples
-    --------
-    >>> rounds = local_sgd_rounds([0, 1], lambda c: 10 if c == 0 else 4,
-    ...                           batch_rows=4, local_steps=2, seed=0, epoch=0)
-    >>> [[[(p.chunk_id, p.start, p.stop) for p in leaf] for leaf in r]
-    ...  for r in rounds]
-    [[[(0, 0, 3), (0, 3, 7)], [(1, 0, 4)]], [[(0, 7, 10)]]]
-    """
-    if batch_rows < 1 or local_steps < 1:
-        raise ValueError(
-            f"batch_rows and local_steps must be >= 1, got {batch_rows} and "
-            f"{local_steps}"
-        )
-    per_chunk: list[list[Piece]] = []
-    for c in chunk_ids:
-        n = chunk_n_rows(c)
-        if n <= batch_rows:
-            per_chunk.append([Piece(int(c), 0, n)])
-            continue
-        n_batches = math.ceil(n / batch_rows)
-        bounds = np.linspace(0, n, n_batches + 1).round().astype(int)
-        per_chunk.append(
-            [
-                Piece(int(c), int(a), int(b), (seed, epoch))
-                for a, b in itertools.pairwise(bounds)
-                if b > a
-            ]
-        )
-    n_rounds = max(math.ceil(len(batches) / local_steps) for batches in per_chunk)
-    rounds = []
-    for r in range(n_rounds):
-        window = slice(r * local_steps, (r + 1) * local_steps)
-        rounds.append([tuple(b[window]) for b in per_chunk if b[window]])
-    return rounds

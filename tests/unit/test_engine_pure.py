@@ -232,7 +232,7 @@ def test_cache_evicts_other_stores_least_recent_first() -> None:
 def test_local_sgd_rounds_visit_every_row_once_per_epoch(
     sizes: list[int], batch_rows: int, local_steps: int
 ) -> None:
-    from dasktrain.engine.engine import local_sgd_rounds
+    from dasktrain.engine.plan import local_sgd_rounds
 
     chunk_ids = [3 * i + 1 for i in range(len(sizes))]
     n_rows = dict(zip(chunk_ids, sizes, strict=True))
@@ -273,7 +273,7 @@ def test_local_sgd_rounds_visit_every_row_once_per_epoch(
 
 
 def test_local_sgd_rounds_reject_bad_sizes() -> None:
-    from dasktrain.engine.engine import local_sgd_rounds
+    from dasktrain.engine.plan import local_sgd_rounds
 
     for batch_rows, local_steps in ((0, 1), (10, 0)):
         with pytest.raises(ValueError, match="must be >= 1"):
