@@ -80,6 +80,11 @@ class ChunkCache:
         self.misses = 0
         self.evictions = 0
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Membership, without counting a hit or a miss or touching recency."""
+        with self._lock:
+            return key in self._data
+
     def get(self, key: Hashable) -> Any | None:
         with self._lock:
             value = self._data.get(key)

@@ -7,11 +7,14 @@ started by ``dask worker`` on other machines, can import them.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+import dask.config
 import numpy as np
 
 from dasktrain._tree import global_norm
@@ -39,7 +42,9 @@ __all__ = [
     "LOCAL_OBJECTIVE_SUM",
     "LOCAL_STATE_PREFIX",
     "NONFINITE_POLICIES",
+    "PREFETCH_CONFIG_KEY",
     "LoadedChunk",
+    "PrefetchGauge",
     "TaskReport",
     "compute_leaves",
     "compute_leaves_many",
@@ -48,6 +53,8 @@ __all__ = [
     "local_sgd_leaves",
     "local_sums",
     "predict_chunk",
+    "prefetch_enabled",
+    "prefetch_gauge",
 ]
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -71,13 +78,20 @@ class LoadedChunk:
 
 @dataclass(frozen=True)
 class TaskReport:
-    """What one task did, for throughput and cache metrics."""
+    """What one task did, for throughput and cache metrics.
+
+    ``cache_hits`` counts leaves whose chunk was already decoded in memory
+    (the worker cache, or the previous leaf's chunk), ``cache_misses`` the
+    chunks read from the store, and ``prefetched`` those of the misses that
+    were read in the background while an earlier leaf was computed.
+    """
 
     worker: str
     seconds: float
     n_rows: int
     cache_hits: int
     cache_misses: int
+    prefetched: int = 0
 
 
 def _finite_rows(arr: np.ndarray) -> np.ndarray:
@@ -85,6 +99,67 @@ def _finite_rows(arr: np.ndarray) -> np.ndarray:
         return np.ones(arr.shape[0], dtype=bool)
     ok = np.isfinite(arr)
     return ok.reshape(ok.shape[0], -1).all(axis=1) if ok.ndim > 1 else ok
+
+
+def _chunk_key(
+    ref: DatasetRef, fields: Sequence[str], chunk_id: int, nonfinite: str
+) -> tuple[Any, ...]:
+    """Key of a decoded chunk in the worker cache."""
+    return (ref.url, ref.uuid, int(chunk_id), tuple(fields), nonfinite)
+
+
+def _check_policy(nonfinite: str) -> None:
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}"
+        )
+
+
+def _read_checked(
+    ref: DatasetRef, fields: Sequence[str], chunk_id: int, nonfinite: str
+) -> LoadedChunk:
+    """Read, decode and check one chunk (no cache, no logging): safe to run
+    in a background thread."""
+    arrays = {f: read_chunk(ref, f, chunk_id) for f in fields}
+    valid: np.ndarray | None = None
+    if nonfinite == "raise":
+        for f, a in arrays.items():
+            check_finite(a, ref, f, chunk_id)
+    else:
+        mask = np.ones(next(iter(arrays.values())).shape[0], dtype=bool)
+        for a in arrays.values():
+            mask &= _finite_rows(a)
+        if not mask.all():
+            valid = mask
+    return LoadedChunk(arrays, valid)
+
+
+def _admit(
+    ref: DatasetRef,
+    fields: Sequence[str],
+    chunk_id: int,
+    nonfinite: str,
+    loaded: LoadedChunk,
+    cache: ChunkCache | None,
+) -> None:
+    """What follows a read on the task's own thread: report skipped rows and
+    offer the chunk to the cache."""
+    if loaded.valid is not None:
+        start, _ = ref.chunk_bounds(chunk_id)
+        logger.warning(
+            "store %s chunk %d: skipping %d rows with NaN/inf (first: row %d)",
+            ref.url,
+            chunk_id,
+            int((~loaded.valid).sum()),
+            start + int(np.argmin(loaded.valid)),
+        )
+    if cache is not None:
+        cache.put(
+            _chunk_key(ref, fields, chunk_id, nonfinite),
+            loaded,
+            loaded.nbytes,
+            group=(ref.url, ref.uuid),
+        )
 
 
 def load_chunk(
@@ -101,38 +176,238 @@ def load_chunk(
     :class:`~dasktrain.errors.NonFiniteDataError` naming store, array, chunk
     and row, unless ``nonfinite="skip"``, which drops those rows.
     """
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(
-            f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}"
-        )
-    key = (ref.url, ref.uuid, int(chunk_id), tuple(fields), nonfinite)
+    _check_policy(nonfinite)
     if cache is not None:
-        hit = cache.get(key)
+        hit = cache.get(_chunk_key(ref, fields, chunk_id, nonfinite))
         if hit is not None:
             return hit, True
-    arrays = {f: read_chunk(ref, f, chunk_id) for f in fields}
-    valid: np.ndarray | None = None
-    if nonfinite == "raise":
-        for f, a in arrays.items():
-            check_finite(a, ref, f, chunk_id)
-    else:
-        mask = np.ones(next(iter(arrays.values())).shape[0], dtype=bool)
-        for a in arrays.values():
-            mask &= _finite_rows(a)
-        if not mask.all():
-            start, _ = ref.chunk_bounds(chunk_id)
-            logger.warning(
-                "store %s chunk %d: skipping %d rows with NaN/inf (first: row %d)",
-                ref.url,
-                chunk_id,
-                int((~mask).sum()),
-                start + int(np.argmin(mask)),
-            )
-            valid = mask
-    loaded = LoadedChunk(arrays, valid)
-    if cache is not None:
-        cache.put(key, loaded, loaded.nbytes, group=(ref.url, ref.uuid))
+    loaded = _read_checked(ref, fields, chunk_id, nonfinite)
+    _admit(ref, fields, chunk_id, nonfinite, loaded, cache)
     return loaded, False
+
+
+# -- reading the next chunk ahead -------------------------------------------------
+#: Dask config key, read on the worker, that turns reading ahead on (default)
+#: or off; see :func:`prefetch_enabled`.
+PREFETCH_CONFIG_KEY = "dasktrain.prefetch"
+_FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def prefetch_enabled() -> bool:
+    """Whether leaf tasks read the next chunk while computing the current one.
+
+    Read from the Dask config of the process running the task (the worker):
+    ``dask.config.set({"dasktrain.prefetch": False})`` before the cluster
+    starts (a ``LocalCluster`` passes its config to its workers), the
+    environment variable ``DASK_DASKTRAIN__PREFETCH=False`` of the worker
+    processes, or a Dask YAML file.  Unset means on.
+
+    Examples
+    --------
+    >>> import dask
+    >>> with dask.config.set({"dasktrain.prefetch": False}):
+    ...     prefetch_enabled()
+    False
+    >>> prefetch_enabled()
+    True
+    """
+    value = dask.config.get(PREFETCH_CONFIG_KEY, None)
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return value.strip().lower() not in _FALSE_WORDS
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class PrefetchGauge:
+    """Chunks read ahead in this process and not yet handed to their leaf
+    (``ahead``), and the most there ever were at once (``peak``)."""
+
+    ahead: int
+    peak: int
+
+
+class _Gauge:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ahead = 0
+        self.peak = 0
+
+    def up(self) -> None:
+        with self._lock:
+            self.ahead += 1
+            self.peak = max(self.peak, self.ahead)
+
+    def down(self) -> None:
+        with self._lock:
+            self.ahead -= 1
+
+    def read(self, reset: bool) -> PrefetchGauge:
+        with self._lock:
+            out = PrefetchGauge(self.ahead, self.peak)
+            if reset:
+                self.peak = self.ahead
+            return out
+
+
+_GAUGE = _Gauge()
+
+
+def prefetch_gauge(*, reset: bool = False) -> PrefetchGauge:
+    """The read-ahead gauge of this process (a worker: ``client.run``).
+
+    With ``reset=True`` the peak restarts from the current count.  Each
+    thread that runs tasks reads at most one chunk ahead, so the peak never
+    exceeds the worker's thread count.
+
+    Examples
+    --------
+    >>> prefetch_gauge().ahead
+    0
+    """
+    return _GAUGE.read(reset)
+
+
+_READERS = threading.local()
+
+
+def _reader() -> ThreadPoolExecutor:
+    """The background reader of the calling thread: one thread, started on
+    first use and reused by every later task that thread runs.  It goes away
+    with the calling thread (the executor is then garbage; its thread exits).
+    """
+    executor: ThreadPoolExecutor | None = getattr(_READERS, "executor", None)
+    if executor is None:
+        executor = ThreadPoolExecutor(1, thread_name_prefix="dasktrain-prefetch")
+        _READERS.executor = executor
+    return executor
+
+
+def _settle(future: Future[LoadedChunk]) -> None:
+    """Drop a read ahead: cancel it if it has not started, else wait for it
+    to finish (bounded: one chunk), so no read outlives its task; its result
+    or error is discarded."""
+    if not future.cancel():
+        wait([future])
+    _GAUGE.down()
+
+
+class _ChunkStream:
+    """The chunks of one task's leaves, loaded in leaf order, with the next
+    chunk that is not in the worker cache read in a background thread while
+    the current one is computed.
+
+    Memory: one chunk is read ahead at most, and only after the previous one
+    was handed to its leaf, so a task holds at most one decoded chunk more
+    than without reading ahead (one per worker thread).  Consecutive leaves
+    of one chunk share it (read once).
+
+    A chunk read ahead takes exactly the steps of :func:`load_chunk`, in the
+    same order on the task's thread: the cache lookup (a miss) when its leaf
+    is reached, then the read's result (or error, raised there, for that
+    leaf), then logging and admission to the cache.  Only when the read
+    happened changes, so results are the same bits.
+    """
+
+    def __init__(
+        self,
+        ref: DatasetRef,
+        fields: Sequence[str],
+        chunk_ids: Sequence[int],
+        *,
+        nonfinite: str,
+        cache: ChunkCache | None,
+        prefetch: bool,
+    ) -> None:
+        self._ref = ref
+        self._fields = tuple(fields)
+        self._chunk_ids = [int(c) for c in chunk_ids]
+        self._nonfinite = nonfinite
+        self._cache = cache
+        self._prefetch = prefetch
+        # _following[i]: the first chunk after position i that differs from
+        # chunk_ids[i] (None at the end).
+        self._following: list[int | None] = [None] * len(self._chunk_ids)
+        following: int | None = None
+        for i in range(len(self._chunk_ids) - 1, -1, -1):
+            self._following[i] = following
+            if i and self._chunk_ids[i - 1] != self._chunk_ids[i]:
+                following = self._chunk_ids[i]
+        self._position = 0
+        self._held: tuple[int, LoadedChunk] | None = None
+        self._ahead: tuple[int, Future[LoadedChunk]] | None = None
+        self.hits = self.misses = self.prefetched = 0
+
+    def load(self) -> tuple[LoadedChunk, bool]:
+        """The next leaf's chunk, and whether it was already decoded (cache
+        hit, or the previous leaf's chunk)."""
+        _check_policy(self._nonfinite)
+        position = self._position
+        chunk_id = self._chunk_ids[position]
+        self._position += 1
+        if self._held is not None and self._held[0] == chunk_id:
+            loaded, was_hit = self._held[1], True
+        else:
+            self._held = None  # let the previous chunk go before the next read
+            loaded, was_hit = self._fetch(chunk_id)
+            self._held = (chunk_id, loaded)
+        self.hits += was_hit
+        self.misses += not was_hit
+        if self._prefetch:
+            self._read_ahead(self._following[position])
+        return loaded, was_hit
+
+    def _fetch(self, chunk_id: int) -> tuple[LoadedChunk, bool]:
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead[0] != chunk_id:
+            if ahead is not None:
+                _settle(ahead[1])
+            return load_chunk(
+                self._ref,
+                self._fields,
+                chunk_id,
+                nonfinite=self._nonfinite,
+                cache=self._cache,
+            )
+        future = ahead[1]
+        try:
+            if self._cache is not None:
+                hit = self._cache.get(
+                    _chunk_key(self._ref, self._fields, chunk_id, self._nonfinite)
+                )
+                if hit is not None:  # another task of this worker cached it
+                    return hit, True
+            # Wait for the background read; its error is raised here.
+            loaded = future.result()
+            self.prefetched += 1
+        finally:
+            _settle(future)
+        _admit(self._ref, self._fields, chunk_id, self._nonfinite, loaded, self._cache)
+        return loaded, False
+
+    def _read_ahead(self, chunk_id: int | None) -> None:
+        if chunk_id is None or self._ahead is not None:
+            return  # nothing follows, or it is being read already
+        key = _chunk_key(self._ref, self._fields, chunk_id, self._nonfinite)
+        if self._cache is not None and key in self._cache:
+            return
+        _GAUGE.up()
+        try:
+            future = _reader().submit(
+                _read_checked, self._ref, self._fields, chunk_id, self._nonfinite
+            )
+        except BaseException:
+            _GAUGE.down()
+            raise
+        self._ahead = (chunk_id, future)
+
+    def close(self) -> None:
+        """Drop a read ahead that no leaf will take (the task failed)."""
+        ahead, self._ahead = self._ahead, None
+        self._held = None
+        if ahead is not None:
+            _settle(ahead[1])
 
 
 def _batch(
@@ -208,36 +483,58 @@ def leaf_partials(
     compute: Callable[[Piece, LoadedChunk, bool], Partial],
     *,
     nonfinite: str = "raise",
+    prefetch: bool | None = None,
 ) -> tuple[dict[Node, Partial], TaskReport]:
     """The skeleton of a leaf task: for each leaf, its chunk (from the worker
     cache, or read and checked) and ``compute(piece, chunk, was_cached)``;
     then the largest subtrees of the reduction tree this task holds
     completely, pre-reduced.  An error is tagged with its leaf: the engine
     reports the failure of the first leaf in tree order, whichever task
-    failed first."""
+    failed first.
+
+    While a leaf is computed, the next leaf's chunk, if it is another chunk
+    and not in the worker cache, is read in a background thread (one chunk
+    ahead at most; see :class:`_ChunkStream`).  ``prefetch=None`` follows
+    :func:`prefetch_enabled`.  Results, errors and the leaf they are
+    reported for are the same either way.
+    """
     t0 = time.perf_counter()
-    cache = worker_cache()
-    hits = misses = n_rows = 0
+    stream = _ChunkStream(
+        ref,
+        fields,
+        [piece.chunk_id for _, piece in leaves],
+        nonfinite=nonfinite,
+        cache=worker_cache(),
+        prefetch=prefetch_enabled() if prefetch is None else prefetch,
+    )
+    n_rows = 0
     known: dict[Node, Partial] = {}
-    for leaf, piece in leaves:
-        try:
-            loaded, was_hit = load_chunk(
-                ref, fields, piece.chunk_id, nonfinite=nonfinite, cache=cache
-            )
-            hits += was_hit
-            misses += not was_hit
-            part = compute(piece, loaded, was_hit)
-        except Exception as exc:
-            setattr(exc, FAILED_LEAF_ATTRIBUTE, leaf)
-            raise
-        known[(0, leaf)] = part
-        n_rows += part.n_rows
+    try:
+        for leaf, piece in leaves:
+            try:
+                loaded, was_hit = stream.load()
+                part = compute(piece, loaded, was_hit)
+            except Exception as exc:
+                setattr(exc, FAILED_LEAF_ATTRIBUTE, leaf)
+                raise
+            # Only the stream keeps the chunk (for a next leaf on it), so the
+            # next read ahead does not add a third chunk in memory.
+            del loaded
+            known[(0, leaf)] = part
+            n_rows += part.n_rows
+    finally:
+        stream.close()
     nodes = covering_nodes([leaf for leaf, _ in leaves], n_leaves)
     # Partials of a diverging run may hold inf: checked by the trainer.
     with np.errstate(over="ignore", invalid="ignore"):
         out = {node: reduce_node(node, n_leaves, known) for node in nodes}
     report = TaskReport(
-        worker_address(), time.perf_counter() - t0, n_rows, hits, misses
+        worker_address(),
+        time.perf_counter() - t0,
+        n_rows,
+        stream.hits,
+        stream.misses,
+        stream.prefetched,
     )
     return out, report
 
@@ -409,11 +706,11 @@ def _local_leaf(
     params: Mapping[str, np.ndarray],
     opt_state: Mapping[str, np.ndarray],
     pieces: Sequence[Piece],
-    cache: ChunkCache | None,
-    nonfinite: str,
+    chunks: _ChunkStream,
 ) -> tuple[Partial, int, int]:
     """Run one local minibatch step per piece, in order, from ``params``;
-    returns the leaf's weighted sums, cache hits and misses."""
+    returns the leaf's weighted sums, cache hits and misses.  ``chunks``
+    yields the leaf's chunks in the order of their first piece."""
     p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
     state = dict(opt_state)
     hits = misses = n_rows = 0
@@ -424,9 +721,7 @@ def _local_leaf(
     for piece in pieces:
         loaded = loaded_chunks.get(piece.chunk_id)
         if loaded is None:
-            loaded, was_hit = load_chunk(
-                ref, model.fields, piece.chunk_id, nonfinite=nonfinite, cache=cache
-            )
+            loaded, was_hit = chunks.load()
             hits += was_hit
             misses += not was_hit
             _check_labels(model, ref, piece.chunk_id, loaded)
@@ -476,6 +771,7 @@ def local_sgd_leaves(
     n_leaves: int,
     *,
     nonfinite: str = "raise",
+    prefetch: bool | None = None,
 ) -> tuple[dict[Node, Partial], TaskReport]:
     """One round of local SGD for the given leaves of the reduction tree.
 
@@ -483,37 +779,54 @@ def local_sgd_leaves(
     one ``optimizer`` step per piece (a minibatch, in order) and yields
     :func:`local_sums` of its final parameters and state, with the data loss,
     objective and gradient norm seen during its steps.  Leaves are
-    pre-reduced into the largest subtrees this task holds completely.
+    pre-reduced into the largest subtrees this task holds completely.  The
+    next leaf's chunk is read ahead as in :func:`leaf_partials`.
     """
     t0 = time.perf_counter()
-    cache = worker_cache()
+    # The chunks in the order _local_leaf loads them: each leaf's, by first
+    # piece; the next one is read while a leaf trains (see leaf_partials).
+    chunks = _ChunkStream(
+        ref,
+        model.fields,
+        [c for _, pieces in leaves for c in dict.fromkeys(p.chunk_id for p in pieces)],
+        nonfinite=nonfinite,
+        cache=worker_cache(),
+        prefetch=prefetch_enabled() if prefetch is None else prefetch,
+    )
     hits = misses = n_rows = 0
     known: dict[Node, Partial] = {}
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         # A diverging run makes parameters non-finite: the client checks the
         # averaged values and raises DivergenceError.
-        for leaf, pieces in leaves:
-            try:
-                part, leaf_hits, leaf_misses = _local_leaf(
-                    ref,
-                    model,
-                    optimizer,
-                    start["params"],
-                    start["opt_state"],
-                    pieces,
-                    cache,
-                    nonfinite,
-                )
-            except Exception as exc:
-                setattr(exc, FAILED_LEAF_ATTRIBUTE, leaf)
-                raise
-            known[(0, leaf)] = part
-            hits += leaf_hits
-            misses += leaf_misses
-            n_rows += part.n_rows
+        try:
+            for leaf, pieces in leaves:
+                try:
+                    part, leaf_hits, leaf_misses = _local_leaf(
+                        ref,
+                        model,
+                        optimizer,
+                        start["params"],
+                        start["opt_state"],
+                        pieces,
+                        chunks,
+                    )
+                except Exception as exc:
+                    setattr(exc, FAILED_LEAF_ATTRIBUTE, leaf)
+                    raise
+                known[(0, leaf)] = part
+                hits += leaf_hits
+                misses += leaf_misses
+                n_rows += part.n_rows
+        finally:
+            chunks.close()
         nodes = covering_nodes([leaf for leaf, _ in leaves], n_leaves)
         out = {node: reduce_node(node, n_leaves, known) for node in nodes}
     report = TaskReport(
-        worker_address(), time.perf_counter() - t0, n_rows, hits, misses
+        worker_address(),
+        time.perf_counter() - t0,
+        n_rows,
+        hits,
+        misses,
+        chunks.prefetched,
     )
     return out, report
