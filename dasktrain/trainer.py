@@ -62,7 +62,13 @@ from dasktrain.optim import (
     optimizer_from_config,
 )
 from dasktrain.params import ParamStore
-from dasktrain.params.tables import PARAM, TableLayout, open_table_array, read_rows
+from dasktrain.params.tables import (
+    PARAM,
+    ParamStoreRef,
+    TableLayout,
+    open_table_array,
+    read_rows,
+)
 from dasktrain.partial import Partial, RowSparse
 from dasktrain.schema import Schema
 
@@ -123,6 +129,11 @@ class Trainer:
         Committed versions kept in the store (older ones are deleted).
     cache_fraction:
         Fraction of each worker's memory limit used to keep decoded chunks.
+    storage_options:
+        fsspec options of a parameter store on an object store (credentials,
+        endpoint...), used by the client and sent to the workers that read
+        and write sharded tables; ignored for local paths.  Without them, the
+        filesystem configures itself from the environment.
 
     Examples
     --------
@@ -149,6 +160,7 @@ class Trainer:
         cache_fraction: float = DEFAULT_CACHE_FRACTION,
         sharded: bool | None = None,
         shard_rows: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, Model):
             raise TypeError(
@@ -200,13 +212,15 @@ class Trainer:
         self.model = model
         self.optimizer = optimizer
         self.store_path = os.fspath(store)
+        # The store as the workers reach it (URL and storage options).
+        self._store_ref = ParamStoreRef.from_user(store, storage_options)
         self.seed = int(seed)
         self.keep_versions = keep_versions
         self.stop_training = False
         self._run: _Run | None = None
         self._schema: Schema | None = None
-        if ParamStore.exists(self.store_path):
-            self._check_store_matches(ParamStore.open(self.store_path))
+        if self._store_exists():
+            self._check_store_matches(self._open_store())
         self._handle: ClientHandle = get_client(client)
         self._engine = Engine(self._handle.client, cache_fraction=cache_fraction)
         self._sharded_engine = ShardedEngine(self._engine)
@@ -219,10 +233,12 @@ class Trainer:
         *,
         client: Any = None,
         cache_fraction: float = DEFAULT_CACHE_FRACTION,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> Trainer:
         """A trainer for the run in ``store``, continuing from its last
-        committed version (model, optimizer and seed come from the store)."""
-        ps = ParamStore.open(os.fspath(store))
+        committed version (model, optimizer and seed come from the store;
+        ``storage_options`` as in :class:`Trainer`)."""
+        ps = ParamStore.open(os.fspath(store), storage_options=storage_options)
         meta = ps.meta
         try:
             model = model_from_config(meta["model"])
@@ -242,6 +258,17 @@ class Trainer:
             keep_versions=ps.keep_versions,
             cache_fraction=cache_fraction,
             sharded=sharded,
+            storage_options=storage_options,
+        )
+
+    def _store_exists(self) -> bool:
+        return ParamStore.exists(
+            self.store_path, storage_options=self._store_ref.storage_options
+        )
+
+    def _open_store(self) -> ParamStore:
+        return ParamStore.open(
+            self.store_path, storage_options=self._store_ref.storage_options
         )
 
     def _check_store_matches(self, ps: ParamStore) -> None:
@@ -288,7 +315,7 @@ class Trainer:
             assert run.table_step is not None
             for layout in run.tables:
                 out[layout.name] = open_table_array(
-                    self.store_path, run.table_step, layout.name, PARAM
+                    self._store_ref, run.table_step, layout.name, PARAM
                 )
         return out
 
@@ -306,12 +333,12 @@ class Trainer:
 
     def _current_run(self) -> _Run:
         if self._run is None:
-            if not ParamStore.exists(self.store_path):
+            if not self._store_exists():
                 raise RuntimeError(
                     f"no parameters yet: the store {self.store_path!r} does not exist; "
                     f"call fit() first"
                 )
-            ps = ParamStore.open(self.store_path)
+            ps = self._open_store()
             if ps.committed is None:
                 raise RuntimeError(
                     f"store {self.store_path!r} has no committed version"
@@ -384,12 +411,15 @@ class Trainer:
 
     def _open_for_fit(self, data: Dataset) -> ParamStore:
         """Create or open the store for writing; the caller holds its lock."""
-        if ParamStore.exists(self.store_path):
-            ps = ParamStore.open(self.store_path)
+        if self._store_exists():
+            ps = self._open_store()
             self._check_store_matches(ps)
             return ps
         return ParamStore.create(
-            self.store_path, keep_versions=self.keep_versions, meta={}
+            self.store_path,
+            keep_versions=self.keep_versions,
+            meta={},
+            storage_options=self._store_ref.storage_options,
         )
 
     def _start_run(self, ps: ParamStore, data: Dataset) -> _Run:
@@ -531,7 +561,7 @@ class Trainer:
         if early_stopping is not None:
             all_callbacks.append(early_stopping)
 
-        created = not ParamStore.exists(self.store_path)
+        created = not self._store_exists()
         if created:
             self._run = None
         ps = self._open_for_fit(data)
@@ -559,7 +589,7 @@ class Trainer:
                     self._discard_new_store(ps)
                 raise
             finally:
-                if created and not ParamStore.exists(self.store_path):
+                if created and not self._store_exists():
                     self._run = None
 
     def _discard_new_store(self, ps: ParamStore) -> None:
@@ -1579,7 +1609,7 @@ class Trainer:
     ) -> ShardedPassResult:
         assert isinstance(self.model, SparseModel)
         return self._sharded_engine.run_pass(
-            self.store_path,
+            self._store_ref,
             step,
             data.ref,
             self.model,
@@ -1623,7 +1653,7 @@ class Trainer:
                         X.ref,
                         model,
                         dict(run.params),
-                        self.store_path,
+                        self._store_ref,
                         run.table_step,
                         layouts,
                         c,
@@ -1660,7 +1690,7 @@ class Trainer:
             uniq = np.unique(ids)
             rows[table] = (
                 uniq,
-                read_rows(self.store_path, run.table_step, layouts[table], uniq),
+                read_rows(self._store_ref, run.table_step, layouts[table], uniq),
             )
         return model.predict_rows(run.params, rows, batch, kind)
 
@@ -1782,8 +1812,8 @@ class Trainer:
             # A resumed run not loaded yet: describe the store's committed
             # version (a repr must not fail, and reads metadata only).
             try:
-                if ParamStore.exists(self.store_path):
-                    meta = ParamStore.open(self.store_path).meta
+                if self._store_exists():
+                    meta = self._open_store().meta
                     prog = meta.get("progress", {})
                     if "step" in prog:
                         state = (

@@ -58,6 +58,7 @@ from dasktrain.optim.base import Optimizer
 from dasktrain.params.store import ParamStore
 from dasktrain.params.tables import (
     PARAM,
+    ParamStoreRef,
     TableLayout,
     default_shard_rows,
     link_shards,
@@ -204,8 +205,10 @@ def _param_of(key: str, params: Mapping[str, Any]) -> bool:
 class _ShardReader:
     """Reads table rows for one task, each shard at most once."""
 
-    def __init__(self, url: str, step: int, layouts: Mapping[str, TableLayout]):
-        self.url = url
+    def __init__(
+        self, store: ParamStoreRef, step: int, layouts: Mapping[str, TableLayout]
+    ):
+        self.store = store
         self.step = step
         self.layouts = layouts
         self.shards: dict[tuple[str, int], np.ndarray] = {}
@@ -222,7 +225,7 @@ class _ShardReader:
             shard = int(shards[a])
             values = self.shards.get((table, shard))
             if values is None:
-                values = read_shard(self.url, self.step, layout, PARAM, shard)
+                values = read_shard(self.store, self.step, layout, PARAM, shard)
                 self.shards[(table, shard)] = values
                 self.bytes_read += int(values.nbytes)
             start, _ = layout.bounds(shard)
@@ -247,7 +250,7 @@ def sparse_leaves(
     ref: DatasetRef,
     model: SparseModel,
     dense: Mapping[str, np.ndarray],
-    store_url: str,
+    store: ParamStoreRef,
     read_step: int,
     layouts: Mapping[str, TableLayout],
     leaves: Sequence[tuple[int, Piece]],
@@ -258,7 +261,7 @@ def sparse_leaves(
 ) -> LeafResult:
     """Partials of the given leaves, pre-reduced into the largest subtrees
     this task holds; row-sparse table gradients are returned separately."""
-    reader = _ShardReader(store_url, read_step, layouts)
+    reader = _ShardReader(store, read_step, layouts)
 
     def compute(piece: Piece, loaded: LoadedChunk, was_hit: bool) -> Partial:
         if not was_hit:  # a cached chunk was checked when it was read
@@ -310,7 +313,7 @@ def reduce_dense(
 
 
 def update_shards(
-    store_url: str,
+    store: ParamStoreRef,
     read_step: int,
     write_step: int,
     layouts: Mapping[str, TableLayout],
@@ -356,7 +359,7 @@ def update_shards(
             local = total.rows[a:b] - start
             grad = total.values[a:b] / n_rows
             bytes_written += _update_one_shard(
-                store_url,
+                store,
                 read_step,
                 write_step,
                 layout,
@@ -376,7 +379,7 @@ def update_shards(
 
 
 def _update_one_shard(
-    url: str,
+    store: ParamStoreRef,
     read_step: int,
     write_step: int,
     layout: TableLayout,
@@ -387,9 +390,9 @@ def _update_one_shard(
     global_state: Mapping[str, np.ndarray],
 ) -> int:
     name = layout.name
-    values = read_shard(url, read_step, layout, PARAM, shard).copy()
+    values = read_shard(store, read_step, layout, PARAM, shard).copy()
     states = {
-        key: read_shard(url, read_step, layout, key, shard).copy()
+        key: read_shard(store, read_step, layout, key, shard).copy()
         for key in layout.state
     }
     params = {name: values[local].astype(np.float64)}
@@ -404,15 +407,15 @@ def _update_one_shard(
             "lower the learning rate"
         )
     values[local] = new_rows
-    nbytes = write_shard(url, write_step, layout, PARAM, shard, values)
+    nbytes = write_shard(store, write_step, layout, PARAM, shard, values)
     for key, s in states.items():
         s[local] = new_state[key]
-        nbytes += write_shard(url, write_step, layout, key, shard, s)
+        nbytes += write_shard(store, write_step, layout, key, shard, s)
     return nbytes
 
 
 def link_version(
-    store_url: str,
+    store: ParamStoreRef,
     src_step: int,
     dst_step: int,
     layouts: Sequence[TableLayout],
@@ -432,12 +435,12 @@ def link_version(
         mine = written.get(layout.name, set())
         out["shards_written"] += len(mine)
         skip = dict.fromkeys(layout.arrays, mine)
-        out["shared"] += link_shards(store_url, src_step, dst_step, layout, skip)
+        out["shared"] += link_shards(store, src_step, dst_step, layout, skip)
     return out
 
 
 def init_shards(
-    store_url: str,
+    store: ParamStoreRef,
     step: int,
     model: SparseModel,
     seed: int,
@@ -455,7 +458,7 @@ def init_shards(
         for shard in shards:
             start, stop = layout.bounds(shard)
             values = model.table_rows(table, seed, start, stop)
-            nbytes += write_shard(store_url, step, layout, PARAM, shard, values)
+            nbytes += write_shard(store, step, layout, PARAM, shard, values)
     return nbytes
 
 
@@ -463,7 +466,7 @@ def predict_sparse_chunk(
     ref: DatasetRef,
     model: SparseModel,
     dense: Mapping[str, np.ndarray],
-    store_url: str,
+    store: ParamStoreRef,
     step: int,
     layouts: Mapping[str, TableLayout],
     chunk_id: int,
@@ -473,7 +476,7 @@ def predict_sparse_chunk(
     loaded, _ = load_chunk(ref, model.input_fields, chunk_id, cache=worker_cache())
     batch = dict(loaded.arrays)
     _check_chunk_ids(model, ref, chunk_id, batch)
-    reader = _ShardReader(store_url, step, layouts)
+    reader = _ShardReader(store, step, layouts)
     rows = {}
     for table, ids in model.row_ids(batch).items():
         uniq = np.unique(ids)
@@ -524,7 +527,7 @@ class ShardedEngine:
         futures = [
             self.client.submit(
                 init_shards,
-                ps.path,
+                ps.ref,
                 step,
                 model,
                 seed,
@@ -545,7 +548,7 @@ class ShardedEngine:
         ref: DatasetRef,
         model: SparseModel,
         dense: Mapping[str, np.ndarray],
-        store_url: str,
+        store: ParamStoreRef,
         read_step: int,
         layouts: Mapping[str, TableLayout],
         pieces: Sequence[Piece],
@@ -567,7 +570,7 @@ class ShardedEngine:
                     ref,
                     model,
                     dense_arg,
-                    store_url,
+                    store,
                     read_step,
                     layouts,
                     [(i, pieces[i]) for i in part],
@@ -611,7 +614,7 @@ class ShardedEngine:
             ref,
             model,
             dense,
-            ps.path,
+            ps.ref,
             read_step,
             by_name,
             pieces,
@@ -628,7 +631,7 @@ class ShardedEngine:
         updates = [
             self.client.submit(
                 update_shards,
-                ps.path,
+                ps.ref,
                 base_step,
                 write_step,
                 by_name,
@@ -650,7 +653,7 @@ class ShardedEngine:
         ]
         link = self.client.submit(
             link_version,
-            ps.path,
+            ps.ref,
             base_step,
             write_step,
             list(layouts),
@@ -731,7 +734,7 @@ class ShardedEngine:
 
     def run_pass(
         self,
-        store_url: str,
+        store: ParamStoreRef,
         step: int,
         ref: DatasetRef,
         model: SparseModel,
@@ -751,7 +754,7 @@ class ShardedEngine:
                 ref,
                 model,
                 dense,
-                store_url,
+                store,
                 step,
                 {t.name: t for t in layouts},
                 pieces,

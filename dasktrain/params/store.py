@@ -83,6 +83,7 @@ from dasktrain.params.lock import (
 )
 from dasktrain.params.tables import (
     TABLES,
+    ParamStoreRef,
     TableLayout,
     create_table_arrays,
     forget_version,
@@ -868,6 +869,12 @@ class ParamStore:
         return dict(self._location.storage_options)
 
     @property
+    def ref(self) -> ParamStoreRef:
+        """Small, picklable reference to this store (URL and storage options)
+        for the workers that read and write its tables."""
+        return ParamStoreRef(self.path, self.storage_options)
+
+    @property
     def committed(self) -> int | None:
         """Newest committed step (``None`` before the first commit)."""
         return self._state.committed
@@ -1329,7 +1336,7 @@ class ParamStore:
         key = f"{_VERSIONS}/{step}"
         if self._location.has(key):
             self._delete(key)
-        forget_version(self.path, step)
+        forget_version(self.ref, step)
         try:
             root = zarr.open_group(
                 store=self._location.zarr_store(read_only=False),
@@ -1338,7 +1345,7 @@ class ParamStore:
             )
             version = root.require_group(_VERSIONS).create_group(str(step))
             version.create_group(TABLES)
-            create_table_arrays(self.path, step, layouts)
+            create_table_arrays(self.ref, step, layouts)
         except Exception as exc:
             self._discard(key)
             raise StoreError(
@@ -1361,7 +1368,7 @@ class ParamStore:
                 f"version {step} of parameter store {self.path} is committed; "
                 "it is deleted only when newer versions replace it"
             )
-        forget_version(self.path, step)
+        forget_version(self.ref, step)
         self._delete(f"{_VERSIONS}/{step}")
 
     def table_layouts(self, step: int | None = None) -> dict[str, TableLayout]:
@@ -1416,7 +1423,7 @@ class ParamStore:
                 f"table {name!r} has no array {array!r} "
                 f"(arrays: {layouts[name].arrays})"
             )
-        return open_table_array(self.path, step, name, array)
+        return open_table_array(self.ref, step, name, array)
 
 
 @dataclass

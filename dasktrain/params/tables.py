@@ -21,11 +21,15 @@ written until trained.
 
 Workers read and write shards themselves (:func:`read_shard`,
 :func:`write_shard`); the client only creates the arrays' metadata and links
-untouched shards.  This module imports zarr and numpy only.
+untouched shards.  Every function that touches a store takes a
+:class:`ParamStoreRef`: the store's URL and its fsspec ``storage_options``,
+so that workers reach an object store with the same credentials and endpoint
+as the client without any configuration of their own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -40,9 +44,19 @@ from typing import Any
 import numpy as np
 import zarr
 
+from dasktrain.data.io import (
+    check_storage_options,
+    filesystem,
+    is_remote,
+    normalize_url,
+    remote_store_error,
+)
+from dasktrain.errors import StoreError
+
 __all__ = [
     "PARAM",
     "TABLES",
+    "ParamStoreRef",
     "TableLayout",
     "array_key",
     "chunk_key",
@@ -139,6 +153,98 @@ class TableLayout:
         )
 
 
+@dataclass(frozen=True)
+class ParamStoreRef:
+    """Small, picklable description of a parameter store, sent to workers.
+
+    Parameters
+    ----------
+    url : str
+        Absolute local path or fsspec URL of the store (normalized: see
+        :meth:`from_user`).
+    storage_options : dict, optional
+        fsspec options of a remote store (credentials, endpoint...), used by
+        every process that reads or writes its tables; empty for local
+        stores.  Left out of ``repr`` (it may hold secrets) and of the hash.
+
+    Examples
+    --------
+    >>> ref = ParamStoreRef.from_user("s3://bucket/run.zarr/", {"key": "k"})
+    >>> ref
+    ParamStoreRef(url='s3://bucket/run.zarr')
+    >>> ParamStoreRef.from_user("/tmp/run.zarr", {"key": "k"}).storage_options
+    {}
+    """
+
+    url: str
+    storage_options: dict[str, Any] = field(
+        default_factory=dict, repr=False, hash=False
+    )
+
+    def __post_init__(self) -> None:
+        options = check_storage_options(self.storage_options)
+        object.__setattr__(
+            self, "storage_options", options if is_remote(self.url) else {}
+        )
+
+    @classmethod
+    def from_user(
+        cls,
+        path: str | os.PathLike[str],
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> ParamStoreRef:
+        """A reference from a user's path or URL (normalized like every
+        store path: absolute local paths, ``file://`` stripped)."""
+        return cls(normalize_url(path), dict(storage_options or {}))
+
+    @property
+    def options_id(self) -> str:
+        """A short digest of the storage options: tells apart handles opened
+        with different options without showing them."""
+        if not self.storage_options:
+            return ""
+        text = json.dumps(self.storage_options, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def local_root(self) -> str | None:
+        """The store directory of a local store, ``None`` for a remote one."""
+        return None if is_remote(self.url) else self.url
+
+    def zarr_options(self) -> dict[str, Any] | None:
+        """``storage_options`` as zarr's functions take them with a URL."""
+        return dict(self.storage_options) or None
+
+    def filesystem(self) -> tuple[Any, str]:
+        """The fsspec filesystem and in-filesystem path of the store root."""
+        return filesystem(self.url, self.storage_options)
+
+
+def as_store_ref(store: ParamStoreRef | str | os.PathLike[str]) -> ParamStoreRef:
+    """``store`` itself, or a reference without options for a path or URL."""
+    if isinstance(store, ParamStoreRef):
+        return store
+    return ParamStoreRef.from_user(store)
+
+
+def _remote_error(
+    store: ParamStoreRef | str, exc: Exception, action: str
+) -> StoreError | None:
+    """A :class:`StoreError` naming the store and what to check (missing
+    credentials, denied access, an unreachable endpoint) for a failure on a
+    remote store; ``None`` for a local store (its error is clear as it is)."""
+    ref = as_store_ref(store)
+    if ref.local_root is not None:
+        return None
+    return remote_store_error(
+        ref.url,
+        exc,
+        action=action,
+        what="parameter store",
+        storage_options=ref.storage_options,
+    )
+
+
 def array_key(step: int, table: str, array: str) -> str:
     """Key of a table array within the store, e.g.
     ``"versions/12/tables/user/param"``."""
@@ -150,13 +256,17 @@ def chunk_key(step: int, table: str, array: str, shard: int) -> str:
     return f"{array_key(step, table, array)}/c/{shard}/0"
 
 
-def create_table_arrays(url: str, step: int, layouts: Iterable[TableLayout]) -> None:
+def create_table_arrays(
+    store: ParamStoreRef | str, step: int, layouts: Iterable[TableLayout]
+) -> None:
     """Create the (empty) arrays of ``layouts`` in ``versions/<step>``, whose
     group must exist.  Writes metadata only."""
+    ref = as_store_ref(store)
     for layout in layouts:
         for array in layout.arrays:
             zarr.create_array(
-                store=url,
+                store=ref.url,
+                storage_options=ref.zarr_options(),
                 name=array_key(step, layout.name, array),
                 shape=(layout.n_rows, layout.width),
                 chunks=(layout.shard_rows, layout.width),
@@ -167,28 +277,43 @@ def create_table_arrays(url: str, step: int, layouts: Iterable[TableLayout]) -> 
                 overwrite=False,
             )
         zarr.open_group(
-            store=url, path=f"versions/{step}/{TABLES}/{layout.name}", mode="r+"
+            store=ref.url,
+            path=f"versions/{step}/{TABLES}/{layout.name}",
+            mode="r+",
+            storage_options=ref.zarr_options(),
         ).update_attributes({"dasktrain_table": layout.to_json()})
 
 
-# Opened arrays, per process (metadata of a version's arrays never changes).
-_OPEN: OrderedDict[tuple[str, str, str], zarr.Array] = OrderedDict()
+# Opened arrays, per process (metadata of a version's arrays never changes),
+# keyed by (url, options_id, array key, mode): a handle opened with some
+# credentials is never used for a reference with other ones.
+_OPEN: OrderedDict[tuple[str, str, str, str], zarr.Array] = OrderedDict()
 _OPEN_LOCK = threading.Lock()
 _OPEN_MAX = 256
 
 
 def open_table_array(
-    url: str, step: int, table: str, array: str, mode: str = "r"
+    store: ParamStoreRef | str,
+    step: int,
+    table: str,
+    array: str,
+    mode: str = "r",
 ) -> zarr.Array:
-    """A table array of a version (cached per process for reading)."""
+    """A table array of a version (cached per process)."""
+    ref = as_store_ref(store)
     key = array_key(step, table, array)
-    cache_key = (url, key, mode)
+    cache_key = (ref.url, ref.options_id, key, mode)
     with _OPEN_LOCK:
         found = _OPEN.get(cache_key)
         if found is not None:
             _OPEN.move_to_end(cache_key)
             return found
-    arr = zarr.open_array(store=url, path=key, mode=mode)
+    arr = zarr.open_array(
+        store=ref.url,
+        path=key,
+        mode=mode,
+        storage_options=ref.zarr_options(),
+    )
     with _OPEN_LOCK:
         _OPEN[cache_key] = arr
         while len(_OPEN) > _OPEN_MAX:
@@ -196,25 +321,38 @@ def open_table_array(
     return arr
 
 
-def forget_version(url: str, step: int) -> None:
-    """Drop cached array handles of a deleted version."""
+def forget_version(store: ParamStoreRef | str, step: int) -> None:
+    """Drop cached array handles of a deleted version (whatever options they
+    were opened with)."""
+    url = as_store_ref(store).url
     prefix = f"versions/{step}/"
     with _OPEN_LOCK:
-        for k in [k for k in _OPEN if k[0] == url and k[1].startswith(prefix)]:
+        for k in [k for k in _OPEN if k[0] == url and k[2].startswith(prefix)]:
             del _OPEN[k]
 
 
 def read_shard(
-    url: str, step: int, layout: TableLayout, array: str, shard: int
+    store: ParamStoreRef | str, step: int, layout: TableLayout, array: str, shard: int
 ) -> np.ndarray:
     """All rows of one shard (the array's fill value where never written)."""
     start, stop = layout.bounds(shard)
-    arr = open_table_array(url, step, layout.name, array)
-    return np.asarray(arr[start:stop])
+    try:
+        arr = open_table_array(store, step, layout.name, array)
+        return np.asarray(arr[start:stop])
+    except Exception as exc:
+        action = f"read shard {shard} of {array_key(step, layout.name, array)} of"
+        error = _remote_error(store, exc, action)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def read_rows(
-    url: str, step: int, layout: TableLayout, rows: np.ndarray, array: str = PARAM
+    store: ParamStoreRef | str,
+    step: int,
+    layout: TableLayout,
+    rows: np.ndarray,
+    array: str = PARAM,
 ) -> np.ndarray:
     """Values of sorted, unique ``rows`` of a table array, reading each shard
     that holds any of them once."""
@@ -226,13 +364,18 @@ def read_rows(
     for a, b in itertools.pairwise(cuts):
         shard = int(shards[a])
         start, _ = layout.bounds(shard)
-        values = read_shard(url, step, layout, array, shard)
+        values = read_shard(store, step, layout, array, shard)
         out[a:b] = values[rows[a:b] - start]
     return out
 
 
 def write_shard(
-    url: str, step: int, layout: TableLayout, array: str, shard: int, values: np.ndarray
+    store: ParamStoreRef | str,
+    step: int,
+    layout: TableLayout,
+    array: str,
+    shard: int,
+    values: np.ndarray,
 ) -> int:
     """Write one shard of a table array of version ``step``; returns bytes."""
     start, stop = layout.bounds(shard)
@@ -241,22 +384,21 @@ def write_shard(
             f"table {layout.name!r} shard {shard}: expected shape "
             f"{(stop - start, layout.width)}, got {values.shape}"
         )
-    arr = open_table_array(url, step, layout.name, array, mode="r+")
     data = np.ascontiguousarray(values, dtype=layout.array_dtype(array))
-    arr[start:stop] = data
+    try:
+        arr = open_table_array(store, step, layout.name, array, mode="r+")
+        arr[start:stop] = data
+    except Exception as exc:
+        action = f"write shard {shard} of {array_key(step, layout.name, array)} of"
+        error = _remote_error(store, exc, action)
+        if error is None:
+            raise
+        raise error from exc
     return int(data.nbytes)
 
 
-def _local_root(url: str) -> str | None:
-    if url.startswith("file://"):
-        return url.removeprefix("file://")
-    if "://" in url:
-        return None
-    return url
-
-
 def link_shards(
-    url: str,
+    store: ParamStoreRef | str,
     src_step: int,
     dst_step: int,
     layout: TableLayout,
@@ -267,10 +409,12 @@ def link_shards(
     by the step).  Returns the number of files shared.
 
     Local stores use hard links (no data is copied); other fsspec stores a
-    server-side copy.  Shards never written in the source stay unwritten.
+    server-side copy, through a filesystem made with the store's
+    ``storage_options``.  Shards never written in the source stay unwritten.
     """
+    ref = as_store_ref(store)
     skip = skip or {}
-    root = _local_root(url)
+    root = ref.local_root
     shared = 0
     for array in layout.arrays:
         src_dir = array_key(src_step, layout.name, array) + "/c"
@@ -299,25 +443,46 @@ def link_shards(
                     shutil.copyfile(src, dst)
                 shared += 1
         else:
-            import fsspec
-
-            fs, path = fsspec.core.url_to_fs(url)
-            base = f"{path.rstrip('/')}/{src_dir}"
             try:
-                entries = fs.find(base)
-            except FileNotFoundError:
-                continue
-            for entry in entries:
-                parts = entry[len(base) :].strip("/").split("/")
-                if len(parts) != 2 or not parts[0].isdigit():
-                    continue
-                shard = int(parts[0])
-                if shard in skipped:
-                    continue
-                key = chunk_key(dst_step, layout.name, array, shard)
-                fs.copy(entry, f"{path.rstrip('/')}/{key}")
-                shared += 1
+                shared += _copy_shards(ref, src_dir, dst_step, layout, array, skipped)
+            except Exception as exc:
+                error = _remote_error(ref, exc, f"share the shards of {src_dir} in")
+                if error is None:
+                    raise
+                raise error from exc
     return shared
+
+
+def _copy_shards(
+    ref: ParamStoreRef,
+    src_dir: str,
+    dst_step: int,
+    layout: TableLayout,
+    array: str,
+    skipped: set[int],
+) -> int:
+    """Server-side copies of the shard objects under ``src_dir`` (the chunk
+    directory of a remote table array) into version ``dst_step``."""
+    fs, path = ref.filesystem()
+    base = f"{path.rstrip('/')}/{src_dir}"
+    try:
+        # Shards were written by other processes: list afresh.
+        fs.invalidate_cache(base)
+        entries = fs.find(base)
+    except FileNotFoundError:
+        return 0
+    copied = 0
+    for entry in entries:
+        parts = entry[len(base) :].strip("/").split("/")
+        if len(parts) != 2 or not parts[0].isdigit():
+            continue
+        shard = int(parts[0])
+        if shard in skipped:
+            continue
+        key = chunk_key(dst_step, layout.name, array, shard)
+        fs.copy(entry, f"{path.rstrip('/')}/{key}")
+        copied += 1
+    return copied
 
 
 def layouts_to_json(layouts: Iterable[TableLayout]) -> str:

@@ -3,13 +3,14 @@ mode on 127.0.0.1) through s3fs, with workers in separate processes.
 
 The server runs as a subprocess for the module.  The module's cluster is
 started after the ``AWS_*`` variables are set, so its workers inherit them
-(the filesystem configures itself from the environment); one test uses the
-session cluster, whose workers have no such variables, with explicit
-``storage_options`` that travel with the dataset.
+(the filesystem configures itself from the environment); two tests start
+clusters whose workers have no such variables, with explicit
+``storage_options`` that travel with the dataset and the parameter store.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -41,6 +42,7 @@ from dasktrain.errors import (
 from dasktrain.params import ParamStore
 from dasktrain.params.lock import ObjectLockFile, WriteLock
 from dasktrain.params.store import _Location
+from dasktrain.params.tables import PARAM, ParamStoreRef, read_shard
 
 pytestmark = pytest.mark.cluster
 
@@ -409,6 +411,166 @@ def test_explicit_storage_options_travel_to_workers(
     trainer.fit(reopened, epochs=2, progress=False)
     assert trainer.evaluate(reopened)["accuracy"] > 0.7
     trainer.close()
+
+
+def _table_keys(fs: s3fs.S3FileSystem, run_key: str, step: int) -> set[str]:
+    """Keys of the shard objects of version ``step``, relative to its tables."""
+    base = f"{BUCKET}/{run_key}/versions/{step}/tables/"
+    fs.invalidate_cache()
+    return {
+        key[len(base) :]
+        for key in fs.find(base)
+        if "/c/" in key  # shard objects, not zarr.json metadata
+    }
+
+
+@pytest.mark.slow
+def test_sharded_tables_on_s3_with_storage_options_only(
+    s3: S3Server,
+    make_client: Callable[..., Client],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The parameter-server path on an object store reached only through
+    ``storage_options``: workers pull, update and share table shards with the
+    options of the parameter store (no ``AWS_*`` variable anywhere), and an
+    interrupted run resumed from S3 ends with the bits of a local run."""
+    n_users, n_items, rank, shard_rows = 2_000, 100, 3, 250
+    run_key = "runs/sharded.zarr"
+    run_url = s3.url(run_key)
+    kwargs: dict[str, Any] = {"epochs": 1, "batch_rows": 1_000, "progress": False}
+
+    def model() -> dt.models.MatrixFactorization:
+        return dt.models.MatrixFactorization(
+            n_users, n_items, rank, l2=1e-3, dtype="float64"
+        )
+
+    def opt() -> dt.optim.Adagrad:
+        return dt.optim.Adagrad(0.3)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            mp.delenv(name)
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            client = make_client(2)
+            for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"):
+                assert not any(client.run(lambda n=name: n in os.environ).values())
+            # The data is local: this test is about the parameter store
+            # (datasets with options are covered above).
+            data = dt.datasets.make_ratings(
+                tmp_path / "r.zarr",
+                n_users=n_users,
+                n_items=n_items,
+                n_ratings=3_000,
+                chunk_rows=1_000,
+                seed=4,
+                client=client,
+                progress=False,
+            )
+
+            reference = dt.Trainer(
+                model(),
+                opt(),
+                store=tmp_path / "run.zarr",
+                client=client,
+                sharded=True,
+                shard_rows=shard_rows,
+            )
+            expected = losses(reference.fit(data, **kwargs))
+            assert len(expected) == 3
+
+            # Interrupted after the first step (committed on the way out)...
+            first = dt.Trainer(
+                model(),
+                opt(),
+                store=run_url,
+                client=client,
+                sharded=True,
+                shard_rows=shard_rows,
+                storage_options=s3.options,
+            )
+            assert SECRET not in repr(first)
+            with pytest.raises(Interrupted):
+                first.fit(data, callbacks=[StopAt(1)], **kwargs)
+            first.close()
+            stored = ParamStore.open(run_url, storage_options=s3.options)
+            assert stored.committed == 1
+            assert stored.ref == ParamStoreRef(run_url, s3.options)
+            assert SECRET not in repr(stored.ref)
+
+            # ...then resumed from the store, with the options only.
+            resumed = dt.Trainer.resume(
+                run_url, client=client, storage_options=s3.options
+            )
+            history = resumed.fit(data, **kwargs)
+            assert losses(history) == expected
+            stored.refresh()
+            assert stored.committed == resumed.step == 3
+
+            # Same bits as the uninterrupted local run, read on the client.
+            got = {k: np.asarray(v[...]) for k, v in resumed.params.items()}
+            want = {k: np.asarray(v[...]) for k, v in reference.params.items()}
+            assert_same_params(got, want, "resumed on s3 vs local")
+            np.testing.assert_array_equal(stored.table("user")[...], want["user"])
+
+            # Every step wrote the shards it changed and shared the others with
+            # the new version by a server-side copy: the last version holds
+            # every shard object, like the local run's (hard links there).
+            layouts = stored.table_layouts()
+            n_user_shards = layouts["user"].n_shards
+            assert n_user_shards == n_users // shard_rows
+            n_shards = sum(layout.n_shards for layout in layouts.values())
+            for row in history.rows:
+                assert 0 < row["shards_written"] < n_shards
+                assert row["shards_shared"] > 0
+            keys = _table_keys(s3.fs(), run_key, 3)
+            want_keys = {
+                f"{table}/{array}/c/{shard}/0"
+                for table, layout in layouts.items()
+                for array in layout.arrays
+                for shard in range(layout.n_shards)
+            }
+            assert keys == want_keys
+            local_keys = {
+                str(p.relative_to(tmp_path / "run.zarr/versions/3/tables"))
+                for p in (tmp_path / "run.zarr/versions/3/tables").rglob("c/*/0")
+            }
+            assert local_keys == want_keys
+
+            # A worker reads a shard with the options of the reference it is
+            # given, and without them says what is missing.
+            user = layouts["user"]
+            shard = client.submit(
+                read_shard, stored.ref, 3, user, PARAM, 1, pure=False
+            ).result()
+            np.testing.assert_array_equal(shard, want["user"][250:500])
+            no_options = client.submit(
+                read_shard, ParamStoreRef(run_url), 3, user, PARAM, 1, pure=False
+            )
+            with pytest.raises(StoreError, match="no credentials found") as info:
+                no_options.result()
+            assert run_url in str(info.value) and "storage_options" in str(info.value)
+
+            # Evaluation and predictions pull rows with the same options.
+            assert resumed.evaluate(data) == reference.evaluate(data)
+            on_workers = resumed.predict(data).compute()
+            np.testing.assert_array_equal(on_workers, reference.predict(data).compute())
+            rows = {f: data.read(f, 0)[:50] for f in ("user", "item")}
+            np.testing.assert_array_equal(resumed.predict(rows), on_workers[:50])
+            resumed.close()
+            reference.close()
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+
+    # The command line configures S3 from the environment (it takes no
+    # storage_options); it lists the tables of the store.
+    capsys.readouterr()
+    assert cli.main(["inspect", run_url, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["committed_step"] == 3
+    assert info["tables"]["user"]["n_shards"] == n_user_shards
+    assert sorted(info["tables"]) == ["item", "user"]
 
 
 # -- errors ----------------------------------------------------------------------
