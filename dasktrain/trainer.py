@@ -1324,9 +1324,15 @@ class Trainer:
         last_commit = time.monotonic()
         committed_step = run.step
         x = flatten(run.params)
-        # The objective at the committed point: recomputed, not stored, so a
-        # resumed run sees exactly the bits an uninterrupted one had.
-        loss, f, g, _ = evaluate(x)
+        # The objective and gradient at the committed point, as the run that
+        # committed it had them: a trial of a several-candidate pass (one
+        # matrix product for all candidates) has other rounding than a pass
+        # at one point, so they are kept in the state, not recomputed.
+        point = _lbfgs_point(run.opt_state, x.size)
+        if point is None:  # the first point of a run: one pass
+            _, f, g, _ = evaluate(x)
+        else:
+            f, g = point
         try:
             while run.epoch < epochs and not self.stop_training:
                 if opt.converged(f, g):
@@ -1356,7 +1362,10 @@ class Trainer:
                         logger.info("L-BFGS: no decrease along the gradient; stopping")
                         run.status = "converged"
                         break
-                    run.opt_state = opt.reset(run.opt_state)
+                    run.opt_state = {
+                        **opt.reset(run.opt_state),
+                        **_lbfgs_point_state(f, g),
+                    }
                     continue
                 x_new, loss, f_new, g_new, accepted = trials[result.trial_index]
                 assert accepted is not None
@@ -1385,7 +1394,10 @@ class Trainer:
                 }
                 # Validate before the run moves on (see _fit_steps).
                 self._validate(row, new_params, validation, on_nonfinite)
-                run.opt_state = opt.push(run.opt_state, x_new - x, g_new - g)
+                run.opt_state = {
+                    **opt.push(run.opt_state, x_new - x, g_new - g),
+                    **_lbfgs_point_state(f_new, g_new),
+                }
                 stalled = opt.stalled(f, f_new)
                 x, f, g = x_new, f_new, g_new
                 run.params = new_params
@@ -1911,3 +1923,28 @@ _Trial = tuple[np.ndarray, float, float, np.ndarray, "PassResult | None"]
 
 def _nonfinite_trial(x: np.ndarray) -> _Trial:
     return (x, math.nan, math.nan, np.full_like(x, np.nan), None)
+
+
+#: Keys of the L-BFGS state the trainer adds: objective and gradient at the
+#: current point.
+_LBFGS_POINT_F = "point_objective"
+_LBFGS_POINT_G = "point_grad"
+
+
+def _lbfgs_point_state(f: float, g: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        _LBFGS_POINT_F: np.asarray(f, dtype=np.float64),
+        _LBFGS_POINT_G: np.asarray(g, dtype=np.float64).copy(),
+    }
+
+
+def _lbfgs_point(
+    state: Mapping[str, np.ndarray], n_params: int
+) -> tuple[float, np.ndarray] | None:
+    """Objective and gradient kept in an L-BFGS state, if any."""
+    if _LBFGS_POINT_F not in state or _LBFGS_POINT_G not in state:
+        return None
+    g = np.asarray(state[_LBFGS_POINT_G], dtype=np.float64).ravel()
+    if g.size != n_params:
+        return None
+    return float(state[_LBFGS_POINT_F]), g

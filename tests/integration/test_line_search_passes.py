@@ -84,3 +84,32 @@ def test_lbfgs_with_several_step_sizes_per_pass(tmp_path: Path, client: Client) 
     assert f3 == pytest.approx(f1, rel=1e-9)
     np.testing.assert_allclose(results[3][1]["w"], results[1][1]["w"], atol=1e-4)
     assert dt.ParamStore.open(tmp_path / "run3.zarr").committed == len(results[3][0])
+
+
+def test_resume_with_several_step_sizes_per_pass_equals_one_run(
+    tmp_path: Path, client: Client
+) -> None:
+    """A trial from a several-candidate pass has other rounding than a pass at
+    one point: the state keeps the objective and gradient at the committed
+    point, so a resumed run goes on with the same bits."""
+    ds = _store(tmp_path / "d.zarr")
+
+    def trainer(name: str) -> dt.Trainer:
+        return dt.Trainer(
+            dt.models.LogisticRegression(l2=1e-3),
+            dt.optim.LBFGS(line_search_candidates=3, tol=1e-12, ftol=0.0),
+            store=tmp_path / name,
+            client=client,
+        )
+
+    straight = trainer("straight.zarr")
+    expected = straight.fit(ds, epochs=6, progress=False)
+    first = trainer("split.zarr")
+    first.fit(ds, epochs=3, progress=False)
+    state = dt.ParamStore.open(tmp_path / "split.zarr").read().opt_state
+    assert {"point_objective", "point_grad"} <= set(state)
+    resumed = dt.Trainer.resume(tmp_path / "split.zarr", client=client)
+    history = resumed.fit(ds, epochs=6, progress=False)
+    assert history.column("objective") == expected.column("objective")
+    for k, v in straight.params.items():
+        np.testing.assert_array_equal(resumed.params[k], v)
