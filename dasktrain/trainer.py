@@ -61,6 +61,7 @@ from dasktrain.optim import (
     is_count,
     optimizer_from_config,
 )
+from dasktrain.optim.lbfgs import OrthantSearch, WolfeLineSearch, pseudo_gradient
 from dasktrain.params import ParamStore
 from dasktrain.params.tables import (
     PARAM,
@@ -1277,11 +1278,25 @@ class Trainer:
     ) -> None:
         """L-BFGS: each iteration (an "epoch" of the run) is a direction from
         the stored curvature pairs and a strong-Wolfe line search whose every
-        trial is one full pass over the data."""
+        round is one full pass over the data.  With an L1 penalty, OWL-QN: the
+        pairs and trial gradients describe the smooth part of the objective,
+        the direction follows the pseudo-gradient and trial points stay in
+        its orthant (see :class:`~dasktrain.optim.lbfgs.OrthantSearch`)."""
         opt = self.optimizer
         assert isinstance(opt, LBFGS)
         pieces = full_pass(data.chunk_ids, data.chunk_n_rows)
         like = run.params
+        l1 = flatten(
+            {
+                k: np.full(np.shape(v), self.model.l1_strengths().get(k, 0.0))
+                for k, v in like.items()
+            }
+        )
+        owl = bool(np.any(l1 > 0.0))
+
+        def smooth(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+            """The gradient without the L1 subgradient (OWL-QN's pairs)."""
+            return g - l1 * np.sign(x) if owl else g
 
         def evaluate(x: np.ndarray) -> tuple[float, float, np.ndarray, PassResult]:
             params = unflatten(x, like)
@@ -1290,7 +1305,7 @@ class Trainer:
                 data, params, pieces, with_grads=True, nonfinite=on_nonfinite
             )
             loss, objective, grads = self._objective(res.partial, params, run.step + 1)
-            return loss, objective, flatten(grads), res
+            return loss, objective, smooth(x, flatten(grads)), res
 
         def evaluate_many(xs: list[np.ndarray]) -> list[_Trial]:
             """Trials at several points: one pass if more than one."""
@@ -1318,7 +1333,7 @@ class Trainer:
                 except DivergenceError:
                     out.append(_nonfinite_trial(x))
                     continue
-                out.append((x, loss, objective, flatten(grads), res))
+                out.append((x, loss, objective, smooth(x, flatten(grads)), res))
             return out
 
         last_commit = time.monotonic()
@@ -1335,26 +1350,38 @@ class Trainer:
             f, g = point
         try:
             while run.epoch < epochs and not self.stop_training:
-                if opt.converged(f, g):
+                pg = pseudo_gradient(x, g, l1) if owl else g
+                if opt.converged(f, pg):
                     run.status = "converged"
                     break
                 t0 = time.perf_counter()
-                p = opt.direction(run.opt_state, g)
-                ls = opt.line_search(f, float(g @ p))
+                ls: WolfeLineSearch | OrthantSearch
+                if owl:
+                    p = opt.orthant_direction(run.opt_state, pg)
+                    ls = opt.orthant_search(f, x, p, pg, l1)
+                else:
+                    p = opt.direction(run.opt_state, g)
+                    ls = opt.line_search(f, float(g @ p))
                 trials: list[_Trial] = []
                 while not ls.done:
                     alphas = ls.next_alphas(opt.n_candidates(run.opt_state, ls))
-                    batch = evaluate_many([x + alpha * p for alpha in alphas])
-                    # A non-finite trial (nan) makes the line search shorten
-                    # the step.
-                    ls.observe_many(
-                        [
-                            (alpha, ft, float(gt @ p))
-                            for alpha, (_, _, ft, gt, _) in zip(
-                                alphas, batch, strict=True
-                            )
-                        ]
-                    )
+                    if isinstance(ls, OrthantSearch):
+                        batch = evaluate_many([ls.point(a) for a in alphas])
+                        ls.observe_many(
+                            [(a, t[2]) for a, t in zip(alphas, batch, strict=True)]
+                        )
+                    else:
+                        batch = evaluate_many([x + alpha * p for alpha in alphas])
+                        # A non-finite trial (nan) makes the line search
+                        # shorten the step.
+                        ls.observe_many(
+                            [
+                                (alpha, ft, float(gt @ p))
+                                for alpha, (_, _, ft, gt, _) in zip(
+                                    alphas, batch, strict=True
+                                )
+                            ]
+                        )
                     trials.extend(batch)
                 result = ls.result
                 if not result.accepted:
@@ -1378,7 +1405,11 @@ class Trainer:
                     "epoch": run.epoch + 1,
                     "loss": loss,
                     "objective": f_new,
-                    "grad_norm": float(np.linalg.norm(g_new)),
+                    "grad_norm": float(
+                        np.linalg.norm(
+                            pseudo_gradient(x_new, g_new, l1) if owl else g_new
+                        )
+                    ),
                     "learning_rate": float(result.alpha),
                     "rows": n_rows,
                     "rows_per_s": n_rows / seconds if seconds > 0 else math.nan,

@@ -118,6 +118,12 @@ class Model(ABC):
     def penalty(self, params: Params) -> float:
         """Regularization term added to the *mean* data loss."""
 
+    def l1_strengths(self) -> dict[str, float]:
+        """L1 strength per parameter name, for the L1 part of :meth:`penalty`
+        (``strength * sum(|param|)``); names not listed have none.  L-BFGS
+        treats this part apart (OWL-QN)."""
+        return {}
+
     @abstractmethod
     def penalty_grad(self, params: Params) -> Params:
         """Gradient of :meth:`penalty` (a subgradient for L1)."""

@@ -498,6 +498,9 @@ class _LinearModel(Model):
     def penalty(self, params: Params) -> float:
         return weight_penalty(params["w"], l2=self._l2, l1=self._l1)
 
+    def l1_strengths(self) -> dict[str, float]:
+        return {"w": self._l1} if self._l1 > 0.0 else {}
+
     def penalty_grad(self, params: Params) -> Params:
         return {
             "w": weight_penalty_grad(params["w"], l2=self._l2, l1=self._l1),

@@ -57,8 +57,11 @@ __all__ = [
     "IterationInfo",
     "LineSearchResult",
     "MinimizeResult",
+    "OrthantSearch",
     "WolfeLineSearch",
+    "l1_norm",
     "minimize_lbfgs",
+    "pseudo_gradient",
     "two_loop_direction",
 ]
 
@@ -764,6 +767,33 @@ class LBFGS(Optimizer):
             p = two_loop_direction(g, state["s"][:0], state["y"][:0])
         return p
 
+    def orthant_direction(
+        self, state: Mapping[str, np.ndarray], pg: np.ndarray
+    ) -> np.ndarray:
+        """The OWL-QN direction at pseudo-gradient ``pg``: the two-loop
+        direction of ``pg``, with the coordinates whose sign disagrees with
+        ``-pg`` set to zero (``-pg / max(1, ||pg||)`` if none is left)."""
+        n_hist = int(state["n_hist"])
+        pg = np.asarray(pg, dtype=np.float64).ravel()
+        p = two_loop_direction(pg, state["s"][:n_hist], state["y"][:n_hist])
+        p[p * pg >= 0.0] = 0.0
+        if not float(pg @ p) < 0.0:
+            p = two_loop_direction(pg, state["s"][:0], state["y"][:0])
+        return p
+
+    def orthant_search(
+        self,
+        f0: float,
+        x: np.ndarray,
+        direction: np.ndarray,
+        pg: np.ndarray,
+        l1: np.ndarray,
+    ) -> OrthantSearch:
+        """An :class:`OrthantSearch` with this optimizer's constants."""
+        return OrthantSearch(
+            f0, x, direction, pg, l1, c1=self.c1, max_rounds=self.max_line_search
+        )
+
     def line_search(
         self, f0: float, g0_dot_p: float, *, alpha0: float = 1.0
     ) -> WolfeLineSearch:
@@ -778,7 +808,7 @@ class LBFGS(Optimizer):
         )
 
     def n_candidates(
-        self, state: Mapping[str, np.ndarray], search: WolfeLineSearch
+        self, state: Mapping[str, np.ndarray], search: WolfeLineSearch | OrthantSearch
     ) -> int:
         """How many step sizes to evaluate in the next pass of ``search``.
 
@@ -824,6 +854,172 @@ class LBFGS(Optimizer):
         )
 
 
+# -- L1 penalties: orthant-wise L-BFGS (OWL-QN) -------------------------------
+def pseudo_gradient(x: np.ndarray, grad: np.ndarray, l1: np.ndarray) -> np.ndarray:
+    r"""The pseudo-gradient of :math:`F(x) = f(x) + \sum_i l1_i |x_i|`.
+
+    ``grad`` is the gradient of the smooth part :math:`f`.  Where
+    :math:`x_i \ne 0` it is :math:`g_i + l1_i \operatorname{sign}(x_i)`; at
+    :math:`x_i = 0` it is the one-sided derivative that decreases :math:`F`
+    (:math:`g_i + l1_i` if negative, :math:`g_i - l1_i` if positive), else 0:
+    the coordinate is optimal at zero.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> pseudo_gradient(np.array([1.0, 0.0, 0.0, 0.0]),
+    ...                 np.array([0.5, 0.5, 2.0, -2.0]), np.ones(4))
+    array([ 1.5,  0. ,  1. , -1. ])
+    """
+    x = np.asarray(x, dtype=np.float64)
+    g = np.asarray(grad, dtype=np.float64)
+    l1 = np.broadcast_to(np.asarray(l1, dtype=np.float64), x.shape)
+    pg = g + l1 * np.sign(x)
+    at_zero = (x == 0.0) & (l1 > 0.0)
+    right = g[at_zero] + l1[at_zero]
+    left = g[at_zero] - l1[at_zero]
+    pg[at_zero] = np.where(right < 0.0, right, np.where(left > 0.0, left, 0.0))
+    return pg
+
+
+def l1_norm(x: np.ndarray, l1: np.ndarray) -> float:
+    r""":math:`\sum_i l1_i |x_i|`."""
+    return float(np.sum(np.asarray(l1, dtype=np.float64) * np.abs(x)))
+
+
+class OrthantSearch:
+    r"""The backtracking line search of OWL-QN, driven by the caller.
+
+    Trial points stay in the orthant of the current point:
+    :math:`x(\alpha) = \pi(x + \alpha p)`, where :math:`\pi` sets to zero the
+    penalized coordinates whose sign leaves the orthant :math:`\xi`
+    (:math:`\xi_i = \operatorname{sign}(x_i)`, or
+    :math:`\operatorname{sign}(-pg_i)` where :math:`x_i = 0`).  A step is
+    accepted when :math:`F(x(\alpha)) \le F(x) + c_1\, pg^\top (x(\alpha) -
+    x)` and :math:`F(x(\alpha)) < F(x)`.  Steps are :math:`1, 1/2, 1/4,
+    \dots`, several per round if asked (:meth:`next_alphas`); the accepted
+    one is the trial with the lowest objective among those that qualify, in
+    the first round that has any.
+
+    Parameters
+    ----------
+    f0 : float
+        :math:`F(x)` (with the L1 term).
+    x : ndarray
+        The current point.
+    direction : ndarray
+        From :meth:`LBFGS.orthant_direction`.
+    pg : ndarray
+        :func:`pseudo_gradient` at ``x``.
+    l1 : ndarray
+        Per-coordinate L1 strengths (0 where not penalized).
+    c1 : float
+        Sufficient-decrease constant.
+    max_rounds : int
+        Rounds (passes) before giving up.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x, l1 = np.array([1.0]), np.array([0.5])
+    >>> F = lambda z: float((z[0] - 0.2) ** 2 + 0.5 * abs(z[0]))
+    >>> pg = pseudo_gradient(x, 2 * (x - 0.2), l1)
+    >>> ls = OrthantSearch(F(x), x, -pg, pg, l1)
+    >>> alphas = ls.next_alphas(3)
+    >>> ls.observe_many([(a, F(ls.point(a))) for a in alphas])
+    >>> ls.result.alpha, ls.point(ls.result.alpha)  # projected onto x >= 0
+    (1.0, array([0.]))
+    """
+
+    def __init__(
+        self,
+        f0: float,
+        x: np.ndarray,
+        direction: np.ndarray,
+        pg: np.ndarray,
+        l1: np.ndarray,
+        *,
+        c1: float = 1e-4,
+        max_rounds: int = 20,
+    ) -> None:
+        self._f0 = float(f0)
+        self._x = np.asarray(x, dtype=np.float64)
+        self._p = np.asarray(direction, dtype=np.float64)
+        self._pg = np.asarray(pg, dtype=np.float64)
+        penalized = np.broadcast_to(np.asarray(l1) > 0.0, self._x.shape)
+        orthant = np.where(self._x != 0.0, np.sign(self._x), -np.sign(self._pg))
+        self._orthant = np.where(penalized, orthant, 0.0)
+        self._c1 = float(c1)
+        self._max_rounds = _check_int("max_rounds", max_rounds, minimum=1)
+        self._next = 0  # the next step is 2 ** -next
+        self._n_rounds = 0
+        self._n_evals = 0
+        self._result: LineSearchResult | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether :attr:`result` is available."""
+        return self._result is not None
+
+    @property
+    def result(self) -> LineSearchResult:
+        """The outcome (status ``"armijo"`` or ``"failed"``); once done."""
+        if self._result is None:
+            raise RuntimeError("line search is not done: observe more trials")
+        return self._result
+
+    @property
+    def n_rounds(self) -> int:
+        """Rounds (passes over the data) so far."""
+        return self._n_rounds
+
+    def next_alphas(self, k: int) -> list[float]:
+        """The next ``k`` steps of the halving sequence."""
+        if self._result is not None:
+            raise RuntimeError("line search is done: read .result")
+        k = _check_int("k", k, minimum=1)
+        return [2.0 ** -(self._next + j) for j in range(k)]
+
+    def point(self, alpha: float) -> np.ndarray:
+        """The trial point of step ``alpha``, projected on the orthant."""
+        trial = self._x + alpha * self._p
+        leaves = (self._orthant != 0.0) & (np.sign(trial) != self._orthant)
+        trial[leaves] = 0.0
+        return trial
+
+    def observe_many(self, trials: Sequence[tuple[float, float]]) -> None:
+        """Report ``(alpha, F(point(alpha)))`` for the steps of
+        :meth:`next_alphas`, in that order (``F`` may be non-finite)."""
+        if self._result is not None:
+            raise RuntimeError("line search is done: read .result")
+        got = [a for a, _ in trials]
+        if not trials or got != self.next_alphas(len(trials)):
+            raise ValueError(
+                f"observe_many() got steps {got}, expected the next steps of "
+                f"next_alphas() from {2.0**-self._next}"
+            )
+        good = []
+        for alpha, f in trials:
+            position = self._n_evals
+            self._n_evals += 1
+            if not (math.isfinite(f) and f < self._f0):
+                continue
+            decrease = float(self._pg @ (self.point(alpha) - self._x))
+            if f <= self._f0 + self._c1 * decrease:
+                good.append((float(f), position, float(alpha)))
+        self._next += len(trials)
+        self._n_rounds += 1
+        if good:
+            f, position, alpha = min(good)
+            self._result = LineSearchResult(
+                ARMIJO, alpha, f, math.nan, position, self._n_evals
+            )
+        elif self._n_rounds >= self._max_rounds:
+            self._result = LineSearchResult(
+                FAILED, 0.0, self._f0, math.nan, -1, self._n_evals
+            )
+
+
 # -- the reference driver ----------------------------------------------------
 class MinimizeResult(NamedTuple):
     """Result of :func:`minimize_lbfgs`."""
@@ -858,6 +1054,7 @@ def minimize_lbfgs(
     state: Mapping[str, np.ndarray] | None = None,
     callback: Callable[[IterationInfo], bool | None] | None = None,
     fun_and_grad_many: FunAndGradMany | None = None,
+    l1: float | np.ndarray = 0.0,
 ) -> MinimizeResult:
     """Minimize ``fun_and_grad`` from ``x0`` with L-BFGS.
 
@@ -883,6 +1080,11 @@ def minimize_lbfgs(
         ``[x_1, ..., x_k] -> [(f_1, grad_1), ...]``, evaluating several
         points at once (for example in one pass over data).  When given, the
         line search evaluates :meth:`LBFGS.n_candidates` step sizes per call.
+    l1 : float or ndarray, optional
+        L1 strengths (a scalar or one per coordinate, ``>= 0``): minimizes
+        ``f(x) + sum(l1 * |x|)`` with OWL-QN (orthant-wise L-BFGS), where
+        ``fun_and_grad`` gives the smooth part ``f`` and its gradient.  The
+        result's ``f`` includes the L1 term.
 
     Returns
     -------
@@ -906,69 +1108,99 @@ def minimize_lbfgs(
     """
     max_iter = _check_int("max_iter", max_iter, minimum=0)
     x = np.array(x0, dtype=np.float64).ravel()
+    l1v = check_l1(l1, x.size)
+    owl = bool(np.any(l1v > 0.0))
     f, g = _evaluate(fun_and_grad, x)
     n_evals = 1
     if not math.isfinite(f) or not np.all(np.isfinite(g)):
         raise ValueError(f"objective or gradient is not finite at x0 (f={f})")
+    total = f + l1_norm(x, l1v) if owl else f  # F: the objective minimized
     current = optimizer.init_state(x.size) if state is None else dict(state)
     n_iter = 0
     for _ in range(max_iter):
-        if optimizer.converged(f, g):
-            logger.debug("L-BFGS converged: max|g|=%g", float(np.max(np.abs(g))))
+        pg = pseudo_gradient(x, g, l1v) if owl else g
+        if optimizer.converged(total, pg):
+            logger.debug("L-BFGS converged: max|g|=%g", float(np.max(np.abs(pg))))
             break
-        p = optimizer.direction(current, g)
-        ls = optimizer.line_search(f, float(g @ p))
+        ls: WolfeLineSearch | OrthantSearch
+        if owl:
+            p = optimizer.orthant_direction(current, pg)
+            ls = optimizer.orthant_search(total, x, p, pg, l1v)
+        else:
+            p = optimizer.direction(current, g)
+            ls = optimizer.line_search(f, float(g @ p))
         trials: list[tuple[np.ndarray, float, np.ndarray]] = []
         while not ls.done:
-            if fun_and_grad_many is None:
-                alphas = [ls.next_alpha()]
-            else:
-                alphas = ls.next_alphas(optimizer.n_candidates(current, ls))
-            points = [x + alpha * p for alpha in alphas]
+            k = 1 if fun_and_grad_many is None else optimizer.n_candidates(current, ls)
+            alphas = ls.next_alphas(k)
+            points = [
+                ls.point(a) if isinstance(ls, OrthantSearch) else x + a * p
+                for a in alphas
+            ]
             if fun_and_grad_many is None:
                 values = [_evaluate(fun_and_grad, points[0])]
             else:
                 values = _evaluate_many(fun_and_grad_many, points)
             n_evals += 1
-            ls.observe_many(
-                [
-                    (alpha, f_t, float(g_t @ p))
-                    for alpha, (f_t, g_t) in zip(alphas, values, strict=True)
-                ]
-            )
+            if isinstance(ls, OrthantSearch):
+                ls.observe_many(
+                    [
+                        (a, f_t + l1_norm(x_t, l1v))
+                        for a, x_t, (f_t, _) in zip(alphas, points, values, strict=True)
+                    ]
+                )
+            else:
+                ls.observe_many(
+                    [
+                        (a, f_t, float(g_t @ p))
+                        for a, (f_t, g_t) in zip(alphas, values, strict=True)
+                    ]
+                )
             trials.extend(
                 (x_t, f_t, g_t) for x_t, (f_t, g_t) in zip(points, values, strict=True)
             )
         result = ls.result
         if not result.accepted:
             if int(current["n_hist"]) == 0:
-                logger.debug("L-BFGS: no decrease along -grad; stopping at f=%r", f)
+                logger.debug("L-BFGS: no decrease along -grad; stopping at %r", total)
                 break
             logger.debug("L-BFGS: line search failed; restarting from -grad")
             current = optimizer.reset(current)
             continue
         x_new, f_new, g_new = trials[result.trial_index]
+        # The pairs describe the smooth part only (OWL-QN).
         current = optimizer.push(current, x_new - x, g_new - g)
-        stalled = optimizer.stalled(f, f_new)
-        x, f, g = x_new, f_new, g_new
+        total_new = f_new + l1_norm(x_new, l1v) if owl else f_new
+        stalled = optimizer.stalled(total, total_new)
+        x, f, g, total = x_new, f_new, g_new, total_new
         n_iter += 1
         logger.debug(
             "L-BFGS iteration %d: f=%r alpha=%g evals=%d (%s)",
             n_iter,
-            f,
+            total,
             result.alpha,
             result.n_evals,
             result.status,
         )
         if callback is not None and callback(
-            IterationInfo(n_iter, n_evals, x.copy(), f, g.copy(), current)
+            IterationInfo(n_iter, n_evals, x.copy(), total, g.copy(), current)
         ):
             break
         if stalled:
-            logger.debug("L-BFGS: relative decrease below ftol; stopping at f=%r", f)
+            logger.debug("L-BFGS: relative decrease below ftol; stopping at %r", total)
             break
-    logger.info("L-BFGS: f=%r after %d iterations, %d evaluations", f, n_iter, n_evals)
-    return MinimizeResult(x, f, n_evals, n_iter)
+    logger.info(
+        "L-BFGS: f=%r after %d iterations, %d evaluations", total, n_iter, n_evals
+    )
+    return MinimizeResult(x, total, n_evals, n_iter)
+
+
+def check_l1(l1: float | np.ndarray, n: int) -> np.ndarray:
+    """Per-coordinate L1 strengths as a float64 vector of ``n`` (>= 0)."""
+    l1v = np.array(np.broadcast_to(np.asarray(l1, dtype=np.float64), (n,)))
+    if not np.all(np.isfinite(l1v)) or np.any(l1v < 0.0):
+        raise ValueError("l1 strengths must be finite and >= 0")
+    return l1v
 
 
 def _evaluate(fun_and_grad: FunAndGrad, x: np.ndarray) -> tuple[float, np.ndarray]:

@@ -42,6 +42,12 @@ CASES: dict[str, tuple[Callable[[], Any], Callable[[], Any], int | None, int]] =
         None,
         4,
     ),
+    "lbfgs-l1-owlqn": (
+        lambda: dt.models.LogisticRegression(l2=1e-3, l1=0.01),
+        dt.optim.LBFGS,
+        None,
+        4,
+    ),
     "mlp-adam-slices": (
         lambda: dt.models.MLP((8,), 3, loss="softmax"),
         lambda: dt.optim.Adam(0.02),

@@ -20,7 +20,10 @@ pytestmark = pytest.mark.cluster
 def _store(path: Path, n_classes: int = 2) -> dt.Dataset:
     rng = np.random.default_rng(0)
     X = rng.normal(size=(3_000, 6))
-    y = rng.integers(0, n_classes, 3_000)
+    if n_classes == 2:  # three informative features, three noise ones
+        y = (X[:, :3] @ [1.5, -1.0, 0.5] + rng.logistic(size=3_000) > 0).astype(int)
+    else:
+        y = rng.integers(0, n_classes, 3_000)
     return dt.Dataset.from_arrays(path, X=X, y=y, chunk_rows=400)
 
 
@@ -86,8 +89,9 @@ def test_lbfgs_with_several_step_sizes_per_pass(tmp_path: Path, client: Client) 
     assert dt.ParamStore.open(tmp_path / "run3.zarr").committed == len(results[3][0])
 
 
+@pytest.mark.parametrize("l1", [0.0, 0.02], ids=["l2", "l1-owlqn"])
 def test_resume_with_several_step_sizes_per_pass_equals_one_run(
-    tmp_path: Path, client: Client
+    tmp_path: Path, client: Client, l1: float
 ) -> None:
     """A trial from a several-candidate pass has other rounding than a pass at
     one point: the state keeps the objective and gradient at the committed
@@ -96,7 +100,7 @@ def test_resume_with_several_step_sizes_per_pass_equals_one_run(
 
     def trainer(name: str) -> dt.Trainer:
         return dt.Trainer(
-            dt.models.LogisticRegression(l2=1e-3),
+            dt.models.LogisticRegression(l2=1e-3, l1=l1),
             dt.optim.LBFGS(line_search_candidates=3, tol=1e-12, ftol=0.0),
             store=tmp_path / name,
             client=client,
@@ -113,3 +117,5 @@ def test_resume_with_several_step_sizes_per_pass_equals_one_run(
     assert history.column("objective") == expected.column("objective")
     for k, v in straight.params.items():
         np.testing.assert_array_equal(resumed.params[k], v)
+    if l1:
+        assert 0 < int((straight.params["w"] == 0).sum()) < 6  # exact zeros

@@ -897,3 +897,89 @@ def test_minimize_lbfgs_with_batched_evaluations(k: int | None) -> None:
         assert set(calls) == {1}
     else:
         assert max(calls) == 3
+
+
+# -- L1 with L-BFGS: OWL-QN ------------------------------------------------------
+def test_pseudo_gradient_cases() -> None:
+    from dasktrain.optim.lbfgs import pseudo_gradient
+
+    x = np.array([2.0, -1.0, 0.0, 0.0, 0.0, 0.0, 3.0])
+    g = np.array([0.5, 0.5, 0.5, 3.0, -3.0, 1.0, 1.0])
+    l1 = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0])  # the last: no L1
+    pg = pseudo_gradient(x, g, l1)
+    # away from zero: g + l1 sign(x); at zero: the descending side or 0.
+    np.testing.assert_array_equal(pg, [1.5, -0.5, 0.0, 2.0, -2.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("k", [None, 1, 3])
+def test_owlqn_matches_coordinate_descent_lasso(k: int | None) -> None:
+    from sklearn.linear_model import Lasso
+
+    from dasktrain.optim import LBFGS, minimize_lbfgs
+
+    rng = np.random.default_rng(0)
+    n, d = 400, 25
+    A = rng.normal(size=(n, d))
+    truth = np.zeros(d)
+    truth[:4] = [3.0, -2.0, 1.5, 0.8]
+    b = A @ truth + 0.5 * rng.normal(size=n)
+    alpha = 0.1
+
+    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+        r = A @ x - b
+        return float(0.5 * np.mean(r * r)), A.T @ r / n
+
+    lasso = Lasso(alpha=alpha, fit_intercept=False, tol=1e-12, max_iter=100_000)
+    coef = lasso.fit(A, b).coef_
+    res = minimize_lbfgs(
+        fun,
+        np.zeros(d),
+        optimizer=LBFGS(line_search_candidates=k),
+        max_iter=200,
+        l1=alpha,
+        fun_and_grad_many=lambda xs: [fun(x) for x in xs],
+    )
+    oracle = fun(coef)[0] + alpha * float(np.abs(coef).sum())
+    assert res.f == pytest.approx(oracle, rel=1e-9)
+    np.testing.assert_array_equal(res.x == 0, coef == 0)  # exact zeros
+    assert 0 < int((coef == 0).sum()) < d
+    np.testing.assert_allclose(res.x, coef, atol=1e-5)  # default tolerances
+    assert res.n_iter < 30
+
+
+def test_owlqn_leaves_unpenalized_coordinates_free() -> None:
+    from dasktrain.optim import LBFGS, minimize_lbfgs
+
+    # f = 0.5 ||x - c||^2 with L1 on the first two coordinates only: the
+    # solution soft-thresholds those and leaves the third at c.
+    c = np.array([0.3, -2.0, -0.1])
+    l1 = np.array([0.5, 0.5, 0.0])
+    res = minimize_lbfgs(
+        lambda x: (float(0.5 * (x - c) @ (x - c)), x - c),
+        np.zeros(3),
+        optimizer=LBFGS(tol=1e-12),
+        max_iter=50,
+        l1=l1,
+    )
+    np.testing.assert_allclose(res.x, [0.0, -1.5, -0.1], atol=1e-9)
+    assert res.x[0] == 0.0
+
+
+def test_orthant_search_protocol() -> None:
+    from dasktrain.optim.lbfgs import OrthantSearch, check_l1
+
+    x = np.array([1.0, -1.0])
+    pg = np.array([1.0, -1.0])
+    ls = OrthantSearch(2.0, x, -pg, pg, np.ones(2), max_rounds=2)
+    assert ls.next_alphas(3) == [1.0, 0.5, 0.25]
+    np.testing.assert_array_equal(ls.point(2.0), [0.0, 0.0])  # stays in orthant
+    with pytest.raises(ValueError, match="expected"):
+        ls.observe_many([(0.5, 1.0)])
+    ls.observe_many([(1.0, 3.0), (0.5, math.nan)])  # no decrease
+    assert not ls.done and ls.next_alphas(1) == [0.25]
+    ls.observe_many([(0.25, 5.0)])
+    assert ls.done and not ls.result.accepted and ls.result.n_evals == 3
+    with pytest.raises(ValueError, match="l1"):
+        check_l1(-1.0, 3)
+    with pytest.raises(ValueError, match="l1"):
+        check_l1(np.array([0.0, np.inf, 0.0]), 3)
