@@ -813,18 +813,16 @@ class LBFGS(Optimizer):
         """How many step sizes to evaluate in the next pass of ``search``.
 
         ``line_search_candidates`` if set.  Otherwise (``None``, automatic):
-        one for the first pass of a search with curvature pairs stored (the
-        unit step is then almost always accepted), and
-        :data:`AUTO_CANDIDATES` when the step's scale is unknown (no pairs
-        yet, or after a reset) and in every later pass of a search (the unit
-        step was rejected).  The choice depends on the run's state only, so
+        one for the first pass of a search (the first trial step is accepted
+        in most iterations, and extra candidates would cost compute for
+        nothing), and :data:`AUTO_CANDIDATES` in every later pass (the first
+        step was rejected: the search needs to look around, and one pass now
+        brings several answers).  The choice depends on the search only, so
         runs stay reproducible on any cluster.
         """
         if self.line_search_candidates is not None:
             return self.line_search_candidates
-        if search.n_rounds == 0 and int(state["n_hist"]) > 0:
-            return 1
-        return AUTO_CANDIDATES
+        return 1 if search.n_rounds == 0 else AUTO_CANDIDATES
 
     def converged(self, f: float, grad: np.ndarray) -> bool:
         """``max|grad| <= tol * max(1, |f|)``."""

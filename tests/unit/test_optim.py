@@ -853,10 +853,9 @@ def test_lbfgs_candidates_setting() -> None:
     state = LBFGS().init_state(3)
     ls = WolfeLineSearch(0.0, -1.0)
     assert opt.n_candidates(state, ls) == 4
-    # Automatic: several when the scale is unknown, one with curvature pairs
-    # on the first pass, several on later passes.
+    # Automatic: one on the first pass of a search, several on later passes.
     auto = LBFGS()
-    assert auto.n_candidates(state, ls) == 3
+    assert auto.n_candidates(state, ls) == 1
     state = auto.push(state, np.ones(3), np.ones(3))
     assert auto.n_candidates(state, ls) == 1
     ls.observe(1.0, 5.0, 10.0)
