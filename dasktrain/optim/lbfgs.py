@@ -236,7 +236,33 @@ def _quadratic_minimizer(a: _Trial, b: _Trial) -> float | None:
     return x if math.isfinite(x) else None
 
 
-class WolfeLineSearch:
+class _Search:
+    """What both caller-driven line searches share: the result once done, and
+    the number of rounds (passes over the data) so far."""
+
+    _result: LineSearchResult | None = None
+    _n_rounds: int = 0
+
+    @property
+    def done(self) -> bool:
+        """Whether :attr:`result` is available."""
+        return self._result is not None
+
+    @property
+    def result(self) -> LineSearchResult:
+        """The outcome; only once :attr:`done`."""
+        if self._result is None:
+            raise RuntimeError("line search is not done: observe more trials")
+        return self._result
+
+    @property
+    def n_rounds(self) -> int:
+        """Rounds (calls of ``observe_many``, that is passes over the data)
+        so far."""
+        return self._n_rounds
+
+
+class WolfeLineSearch(_Search):
     r"""A strong-Wolfe line search driven by the caller, one trial at a time.
 
     Finds a step :math:`\alpha > 0` along a descent direction :math:`p` with
@@ -325,27 +351,9 @@ class WolfeLineSearch:
 
     # -- public state ---------------------------------------------------------
     @property
-    def done(self) -> bool:
-        """Whether :attr:`result` is available."""
-        return self._result is not None
-
-    @property
-    def result(self) -> LineSearchResult:
-        """The outcome; only once :attr:`done`."""
-        if self._result is None:
-            raise RuntimeError("line search is not done: observe more trials")
-        return self._result
-
-    @property
     def n_evals(self) -> int:
         """Number of trials observed so far."""
         return self._n_evals
-
-    @property
-    def n_rounds(self) -> int:
-        """Number of rounds (calls of :meth:`observe` or :meth:`observe_many`,
-        that is passes over the data) so far."""
-        return self._n_rounds
 
     def next_alpha(self) -> float:
         """The step to evaluate next."""
@@ -885,7 +893,7 @@ def l1_norm(x: np.ndarray, l1: np.ndarray) -> float:
     return float(np.sum(np.asarray(l1, dtype=np.float64) * np.abs(x)))
 
 
-class OrthantSearch:
+class OrthantSearch(_Search):
     r"""The backtracking line search of OWL-QN, driven by the caller.
 
     Trial points stay in the orthant of the current point:
@@ -953,23 +961,6 @@ class OrthantSearch:
         self._n_rounds = 0
         self._n_evals = 0
         self._result: LineSearchResult | None = None
-
-    @property
-    def done(self) -> bool:
-        """Whether :attr:`result` is available."""
-        return self._result is not None
-
-    @property
-    def result(self) -> LineSearchResult:
-        """The outcome (status ``"armijo"`` or ``"failed"``); once done."""
-        if self._result is None:
-            raise RuntimeError("line search is not done: observe more trials")
-        return self._result
-
-    @property
-    def n_rounds(self) -> int:
-        """Rounds (passes over the data) so far."""
-        return self._n_rounds
 
     def next_alphas(self, k: int) -> list[float]:
         """The next ``k`` steps of the halving sequence."""
