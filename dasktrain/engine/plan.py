@@ -10,6 +10,7 @@ Placement (which worker computes a piece) only affects speed.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import itertools
 import math
@@ -19,10 +20,16 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "MAX_DEFAULT_STREAMS",
+    "MIN_STREAM_ROWS",
     "PLACEMENT_GROUPS_TARGET",
     "Piece",
+    "Span",
+    "StreamWalk",
+    "Take",
     "assign_pieces",
     "chunk_owners",
+    "default_n_streams",
     "epoch_steps",
     "full_pass",
     "group_key",
@@ -30,6 +37,10 @@ __all__ = [
     "local_sgd_rounds",
     "rendezvous_owners",
     "row_permutation",
+    "span_order",
+    "split_contiguous",
+    "steps_per_epoch",
+    "stream_spans",
 ]
 
 #: Placement groups per worker we aim for at least: consecutive chunks share
@@ -249,3 +260,186 @@ def local_sgd_rounds(
         window = slice(r * local_steps, (r + 1) * local_steps)
         rounds.append([tuple(b[window]) for b in per_chunk if b[window]])
     return rounds
+
+
+# -- streams: the data-parallel minibatch plan of the step engine ------------------
+#: Rows per stream and step below which more streams add overhead, not speed.
+MIN_STREAM_ROWS = 256
+#: The most streams :func:`default_n_streams` picks.
+MAX_DEFAULT_STREAMS = 32
+#: Salt of the per-epoch span order of a stream (keeps it apart from the
+#: chunk-order and row-order seeds).
+_SPAN_ORDER_SALT = 0x57
+#: Salt of the row order inside a span that is only part of a chunk.
+_PART_ORDER_SALT = 0x5A
+
+
+def default_n_streams(batch_rows: int) -> int:
+    """Streams of a run with minibatches of ``batch_rows`` rows when the user
+    does not choose: one per :data:`MIN_STREAM_ROWS` rows of a step, at least
+    1 and at most :data:`MAX_DEFAULT_STREAMS`.  A function of the batch size
+    only (never of the cluster), so runs are reproducible on any cluster.
+
+    Examples
+    --------
+    >>> default_n_streams(100), default_n_streams(512), default_n_streams(1 << 20)
+    (1, 2, 32)
+    """
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    return max(1, min(MAX_DEFAULT_STREAMS, batch_rows // MIN_STREAM_ROWS))
+
+
+def steps_per_epoch(n_rows: int, batch_rows: int) -> int:
+    """Steps of one epoch of minibatches: ``ceil(n_rows / batch_rows)``."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    return max(1, math.ceil(n_rows / batch_rows))
+
+
+@dataclass(frozen=True)
+class Span:
+    """Rows ``[start, stop)`` of chunk ``chunk_id``: a stream's share of it."""
+
+    chunk_id: int
+    start: int
+    stop: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.stop - self.start
+
+
+def stream_spans(
+    chunk_ids: Sequence[int], chunk_n_rows: Callable[[int], int], n_streams: int
+) -> list[list[Span]]:
+    """Split the rows of a dataset view into ``n_streams`` contiguous ranges of
+    nearly equal size (stream ``k`` gets the view's rows ``k * n // S`` to
+    ``(k + 1) * n // S``, counted over ``chunk_ids`` in order), each as the
+    chunk spans it covers.  Fixed for a run: a stream reads the same chunks
+    in every epoch, so the rank that holds it keeps them cached.
+
+    Examples
+    --------
+    >>> [[(s.chunk_id, s.start, s.stop) for s in spans]
+    ...  for spans in stream_spans([0, 1, 2], lambda c: 4, 2)]
+    [[(0, 0, 4), (1, 0, 2)], [(1, 2, 4), (2, 0, 4)]]
+    """
+    if n_streams < 1:
+        raise ValueError(f"n_streams must be >= 1, got {n_streams}")
+    sizes = [int(chunk_n_rows(c)) for c in chunk_ids]
+    total = sum(sizes)
+    if n_streams > total:
+        raise ValueError(f"{n_streams} streams for {total} rows: at most one per row")
+    starts = [0, *itertools.accumulate(sizes)]
+    out: list[list[Span]] = []
+    j = 0
+    for k in range(n_streams):
+        lo, hi = k * total // n_streams, (k + 1) * total // n_streams
+        spans: list[Span] = []
+        while j < len(sizes) and starts[j + 1] <= lo:
+            j += 1
+        i = j
+        while i < len(sizes) and starts[i] < hi:
+            a = max(lo, starts[i]) - starts[i]
+            b = min(hi, starts[i + 1]) - starts[i]
+            if b > a:
+                spans.append(Span(int(chunk_ids[i]), a, b))
+            i += 1
+        out.append(spans)
+    return out
+
+
+def span_order(span: Span, chunk_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """Row indices (within the chunk) of ``span`` in the order an epoch visits
+    them: the chunk's :func:`row_permutation` for a whole chunk, else a
+    permutation of the span's rows seeded by ``(seed, epoch, chunk, start)``.
+    """
+    if span.start == 0 and span.stop == chunk_rows:
+        return row_permutation(seed, epoch, span.chunk_id, chunk_rows)
+    rng = np.random.default_rng(
+        [seed, epoch, span.chunk_id, span.start, _PART_ORDER_SALT]
+    )
+    return span.start + rng.permutation(span.n_rows)
+
+
+@dataclass(frozen=True)
+class Take:
+    """Positions ``[lo, hi)`` of ``span``'s row order (:func:`span_order`)."""
+
+    span: Span
+    lo: int
+    hi: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.hi - self.lo
+
+
+class StreamWalk:
+    """One stream's path through one epoch: its spans in an order seeded by
+    ``(seed, epoch, stream)``, the rows of each span in :func:`span_order`,
+    cut into ``n_steps`` nearly equal slices (a slice may cross from one
+    span into the next).  ``take(t)`` is step ``t``'s slice.  Pure and cheap:
+    nothing is materialized but the span order.
+
+    Examples
+    --------
+    >>> walk = StreamWalk([Span(0, 0, 3), Span(1, 0, 3)], n_steps=2, seed=0,
+    ...                   epoch=0, stream=0)
+    >>> [sum(t.n_rows for t in walk.take(s)) for s in range(2)]
+    [3, 3]
+    """
+
+    def __init__(
+        self,
+        spans: Sequence[Span],
+        *,
+        n_steps: int,
+        seed: int,
+        epoch: int,
+        stream: int,
+    ) -> None:
+        if n_steps < 1:
+            raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        rng = np.random.default_rng([seed, epoch, stream, _SPAN_ORDER_SALT])
+        self.spans = [spans[i] for i in rng.permutation(len(spans))]
+        self.n_steps = n_steps
+        self._starts = [0, *itertools.accumulate(s.n_rows for s in self.spans)]
+        self.n_rows = self._starts[-1]
+
+    def bounds(self, step: int) -> tuple[int, int]:
+        """The stream positions of step ``step``: ``[lo, hi)``."""
+        if not 0 <= step < self.n_steps:
+            raise IndexError(f"step {step} of an epoch of {self.n_steps} steps")
+        return (
+            step * self.n_rows // self.n_steps,
+            (step + 1) * self.n_rows // self.n_steps,
+        )
+
+    def take(self, step: int) -> list[Take]:
+        lo, hi = self.bounds(step)
+        out: list[Take] = []
+        i = max(0, bisect.bisect_right(self._starts, lo) - 1)
+        while i < len(self.spans) and self._starts[i] < hi:
+            a = max(lo, self._starts[i]) - self._starts[i]
+            b = min(hi, self._starts[i + 1]) - self._starts[i]
+            if b > a:
+                out.append(Take(self.spans[i], a, b))
+            i += 1
+        return out
+
+
+def split_contiguous(n_items: int, n_parts: int) -> list[range]:
+    """``range(n_items)`` in ``n_parts`` contiguous, nearly equal parts (some
+    empty if ``n_parts > n_items``).
+
+    Examples
+    --------
+    >>> split_contiguous(5, 2)
+    [range(0, 2), range(2, 5)]
+    """
+    if n_parts < 1:
+        raise ValueError(f"n_parts must be >= 1, got {n_parts}")
+    bounds = [i * n_items // n_parts for i in range(n_parts + 1)]
+    return [range(a, b) for a, b in itertools.pairwise(bounds)]
