@@ -54,6 +54,9 @@ class Model(ABC):
     fields: ClassVar[tuple[str, ...]] = ("X", "y")
     #: classifiers report accuracy and predict labels
     is_classifier: ClassVar[bool] = False
+    #: part of the penalty is a sum over the batch's rows, reported in
+    #: ``Partial.metrics["penalty"]`` (per-occurrence penalties of tables)
+    batch_penalty: ClassVar[bool] = False
 
     # -- configuration -----------------------------------------------------
     @abstractmethod

@@ -113,6 +113,7 @@ class SparseModel(Model):
 
     #: the dataset field holding the target (checked by :meth:`check_labels`)
     target: ClassVar[str] = "y"
+    batch_penalty: ClassVar[bool] = True
     #: reported metric -> (the ``Partial.metrics`` sum it is the mean of,
     #: whether the square root of that mean is reported)
     summary_metrics: ClassVar[dict[str, tuple[str, bool]]] = {}
