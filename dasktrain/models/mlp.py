@@ -34,7 +34,6 @@ from dasktrain.models.linear import (
     softmax_head,
     softmax_rows,
     squared_head,
-    sum_rows,
     to_float64,
     weight_penalty,
     weight_penalty_grad,
@@ -270,22 +269,32 @@ class MLP(Model):
         self, params: Params, inputs: list[np.ndarray], delta: np.ndarray
     ) -> Params:
         """Gradient sums from the output gradient ``delta`` (``(n, n_outputs)``);
-        overwrites the hidden activations in ``inputs``."""
+        overwrites the hidden activations in ``inputs``.
+
+        Products and their sums over the batch's rows run through BLAS in the
+        data's dtype (``a.T @ delta`` for weights, ``ones @ delta`` for biases);
+        the results are float64.
+        """
         dtype = delta.dtype
+        ones = np.ones(delta.shape[0], dtype=dtype)
         grads: Params = {}
         for i in reversed(range(len(inputs))):
             a = inputs[i]
             grads[f"w{i}"] = to_float64(a.T @ delta)
-            grads[f"b{i}"] = sum_rows(delta)
+            grads[f"b{i}"] = to_float64(np.asarray(ones @ delta))
             if i == 0:
                 break
-            delta = delta @ np.asarray(params[f"w{i}"], dtype=dtype).T
+            w = np.asarray(params[f"w{i}"], dtype=dtype)
+            # With one output column this is an outer product: broadcasting
+            # beats a matrix product of inner dimension 1 several times.
+            delta = delta * w[:, 0] if delta.shape[1] == 1 else delta @ w.T
             if self._activation == "relu":
-                np.sign(a, out=a)  # relu'(h) from a = relu(h) >= 0
+                # relu'(h) = (a > 0) from a = relu(h)
+                np.multiply(delta, a > 0, out=delta)
             else:
                 np.square(a, out=a)
                 np.subtract(1, a, out=a)  # tanh'(h) = 1 - a**2
-            delta *= a
+                delta *= a
         return {name: grads[name] for name in self.param_names()}
 
     def _evaluate(self, params: Params, batch: Batch, *, need_grad: bool) -> Partial:
