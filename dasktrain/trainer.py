@@ -1,109 +1,74 @@
-"""The training loop.
+"""The trainer: a thin face over the fit loops.
 
-``Trainer.fit`` reads top to bottom in stages: open the parameter store (take
-its write lock, load or initialize the run), then per step: plan the batch,
-compute the reduced partial on the cluster (the one sync point of a step),
-check it, update the parameters, log, commit when due, validate and stop at
-epoch ends.  Everything that decides the numbers (the batch plan, the
-reduction tree, the optimizer) is a pure function of the seed and the
-committed state, so a resumed run reproduces an uninterrupted one bit for bit.
+``Trainer.fit`` reads top to bottom in stages: check the arguments, open the
+parameter store (take its write lock, load or initialize the run), choose
+the loop that runs this kind of fit (:mod:`dasktrain.loops`: full-batch
+passes, minibatch segments, L-BFGS, sharded tables), and run it.  Every loop
+ends its steps and checkpoints through one protocol
+(:class:`~dasktrain.loops.base.FitLoop`).  Everything that decides the
+numbers (the plan, the reduction tree, the optimizer) is a pure function of
+the seed and the committed state, so a resumed run reproduces an
+uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import socket
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from dasktrain._tree import flatten, global_norm, unflatten
 from dasktrain.callbacks import Callback, EarlyStopping, ProgressBar
 from dasktrain.data import Dataset
 from dasktrain.engine.cache import DEFAULT_CACHE_FRACTION, worker_cache
 from dasktrain.engine.cluster import ClientHandle, get_client
-from dasktrain.engine.engine import Engine, PassResult
-from dasktrain.engine.plan import Piece, epoch_steps, full_pass, local_sgd_rounds
+from dasktrain.engine.engine import Engine
+from dasktrain.engine.plan import full_pass
+from dasktrain.engine.rank import EVENT_TOPIC
+from dasktrain.engine.segments import SegmentRunner
 from dasktrain.engine.sharded import (
     ShardedEngine,
-    ShardedPassResult,
-    StepHandle,
     predict_sparse_chunk,
     table_layouts,
 )
-from dasktrain.engine.tasks import (
-    LOCAL_GRAD_NORM_SUM,
-    LOCAL_OBJECTIVE_SUM,
-    NONFINITE_POLICIES,
-    load_chunk,
-    local_average,
-)
+from dasktrain.engine.tasks import NONFINITE_POLICIES, load_chunk
 from dasktrain.errors import (
     ConfigMismatchError,
     DataValidationError,
-    DivergenceError,
     StoreError,
 )
 from dasktrain.history import History
+from dasktrain.loops.base import FitLoop, FitOptions, Run, dataset_meta
+from dasktrain.loops.full_batch import FullBatchLoop
+from dasktrain.loops.lbfgs import LBFGSLoop
+from dasktrain.loops.minibatch import MinibatchLoop, resolve_n_streams
+from dasktrain.loops.tables import TablesLoop, sharded_pass
 from dasktrain.models.base import Model, model_from_config
 from dasktrain.models.sparse import SparseModel
-from dasktrain.optim import (
-    LBFGS,
-    Optimizer,
-    advance_counts,
-    apply_updates,
-    is_count,
-    optimizer_from_config,
-)
-from dasktrain.optim.lbfgs import OrthantSearch, WolfeLineSearch, pseudo_gradient
+from dasktrain.optim import LBFGS, Optimizer, optimizer_from_config
 from dasktrain.params import ParamStore
 from dasktrain.params.tables import (
     PARAM,
     ParamStoreRef,
-    TableLayout,
     open_table_array,
     read_rows,
 )
-from dasktrain.partial import Partial, RowSparse
 from dasktrain.schema import Schema
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Trainer"]
 
-#: Topic of the events the trainer logs to the Dask scheduler (one per step).
-EVENT_TOPIC = "dasktrain"
 STORE_FORMAT_META_KEYS = ("model", "optimizer", "seed", "schema", "progress")
+#: Default of ``fit(checkpoint_seconds=...)``.
+DEFAULT_CHECKPOINT_SECONDS = 60.0
 #: With ``sharded=None``, tables of a SparseModel larger than this in total
 #: are kept in row shards of the store; smaller ones are dense parameters.
 DENSE_TABLE_LIMIT_BYTES = 64 << 20
-
-
-@dataclass
-class _Run:
-    """The state a committed version captures."""
-
-    params: dict[str, np.ndarray]
-    opt_state: dict[str, np.ndarray]
-    step: int = 0  # optimizer steps done in the whole run
-    epoch: int = 0  # epochs completed
-    epoch_step: int = 0  # steps done in the current, incomplete epoch
-    batch_rows: int | None = None
-    local_steps: int | None = None  # local SGD: local steps per round
-    status: str = "new"
-    history: History = field(default_factory=History)
-    callbacks: dict[str, Any] = field(default_factory=dict)
-    dataset: dict[str, Any] = field(default_factory=dict)
-    #: sharded tables (empty: every parameter is dense, in ``params``)
-    tables: list[TableLayout] = field(default_factory=list)
-    #: the version whose tables hold this run's current values
-    table_step: int | None = None
 
 
 class Trainer:
@@ -218,13 +183,14 @@ class Trainer:
         self.seed = int(seed)
         self.keep_versions = keep_versions
         self.stop_training = False
-        self._run: _Run | None = None
+        self._run: Run | None = None
         self._schema: Schema | None = None
         if self._store_exists():
             self._check_store_matches(self._open_store())
         self._handle: ClientHandle = get_client(client)
         self._engine = Engine(self._handle.client, cache_fraction=cache_fraction)
         self._sharded_engine = ShardedEngine(self._engine)
+        self._segments: SegmentRunner | None = None
 
     # -- construction from a store ---------------------------------------------
     @classmethod
@@ -332,7 +298,7 @@ class Trainer:
     def epoch(self) -> int:
         return self._current_run().epoch
 
-    def _current_run(self) -> _Run:
+    def _current_run(self) -> Run:
         if self._run is None:
             if not self._store_exists():
                 raise RuntimeError(
@@ -348,13 +314,13 @@ class Trainer:
         return self._run
 
     # -- loading and committing -----------------------------------------------
-    def _load(self, ps: ParamStore) -> _Run:
+    def _load(self, ps: ParamStore) -> Run:
         version = ps.read()
         meta = ps.meta
         prog = meta.get("progress", {})
         tables = list(ps.table_layouts(version.step).values())
         self._schema = Schema.from_json(meta["schema"]) if "schema" in meta else None
-        return _Run(
+        return Run(
             params={k: np.asarray(v) for k, v in version.params.items()},
             opt_state={k: np.asarray(v) for k, v in version.opt_state.items()},
             step=int(prog.get("step", version.step)),
@@ -362,6 +328,7 @@ class Trainer:
             epoch_step=int(prog.get("epoch_step", 0)),
             batch_rows=prog.get("batch_rows"),
             local_steps=prog.get("local_steps"),
+            n_streams=prog.get("n_streams"),
             status=str(meta.get("status", "running")),
             history=History(meta.get("history", [])),
             callbacks=dict(meta.get("callbacks", {})),
@@ -370,7 +337,7 @@ class Trainer:
             table_step=version.step if tables else None,
         )
 
-    def _meta(self, run: _Run) -> dict[str, Any]:
+    def _meta(self, run: Run) -> dict[str, Any]:
         assert self._schema is not None
         return {
             "model": self.model.config(),
@@ -383,6 +350,7 @@ class Trainer:
                 "epoch_step": run.epoch_step,
                 "batch_rows": run.batch_rows,
                 "local_steps": run.local_steps,
+                "n_streams": run.n_streams,
             },
             "status": run.status,
             "dataset": run.dataset,
@@ -392,11 +360,11 @@ class Trainer:
         }
 
     def _commit(
-        self, ps: ParamStore, run: _Run, *, protect: set[int] | None = None
+        self, ps: ParamStore, run: Run, protect: set[int] | None = None
     ) -> None:
         if run.tables:
             # The version of this step holds the tables already (see
-            # _fit_sharded); add the dense arrays and make it the committed one.
+            # loops.tables); add the dense arrays and make it the committed one.
             assert run.table_step == run.step
             ps.commit(
                 run.step,
@@ -423,7 +391,7 @@ class Trainer:
             storage_options=self._store_ref.storage_options,
         )
 
-    def _start_run(self, ps: ParamStore, data: Dataset) -> _Run:
+    def _start_run(self, ps: ParamStore, data: Dataset) -> Run:
         if ps.committed is not None:
             run = self._load(ps)
             assert self._schema is not None
@@ -457,10 +425,10 @@ class Trainer:
             k: np.asarray(v, dtype=np.float64)
             for k, v in self.model.init(rng, data.schema).items()
         }
-        run = _Run(
+        run = Run(
             params=params, opt_state=self.optimizer.init(params), status="running"
         )
-        run.dataset = _dataset_meta(data)
+        run.dataset = dataset_meta(data)
         self._commit(ps, run)
         return run
 
@@ -474,11 +442,12 @@ class Trainer:
         validation: Dataset | None = None,
         callbacks: Sequence[Callback] = (),
         early_stopping: EarlyStopping | None = None,
-        checkpoint_every: int | None = None,
-        checkpoint_seconds: float = 60.0,
+        checkpoint_steps: int | None = None,
+        checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS,
         on_nonfinite: str = "raise",
         progress: bool = True,
         local_steps: int | None = None,
+        n_streams: int | None = None,
         staleness: int = 0,
     ) -> History:
         """Train until the run has completed ``epochs`` epochs in total.
@@ -492,18 +461,25 @@ class Trainer:
             same call after a crash finishes the same run.  With
             :class:`~dasktrain.optim.LBFGS`, an epoch is one iteration.
         batch_rows:
-            Rows per step; ``None`` for full-batch steps.  Minibatches are whole
-            shuffled chunks when ``batch_rows >= chunk_rows``, else shuffled
-            slices of one chunk (see :func:`dasktrain.engine.plan.epoch_steps`).
+            Rows per step; ``None`` for full-batch steps.  An epoch of
+            minibatches has ``ceil(n_rows / batch_rows)`` steps; each step
+            takes about ``batch_rows / n_streams`` rows from each stream (see
+            ``n_streams``).
         validation:
             Evaluated at each epoch end; adds ``val_*`` columns to the history.
         callbacks:
-            :class:`~dasktrain.callbacks.Callback` objects.
+            :class:`~dasktrain.callbacks.Callback` objects.  With minibatches,
+            ``on_step_end`` receives rows while the workers train (the
+            parameters and history of the trainer are updated at checkpoints).
         early_stopping:
             An :class:`~dasktrain.callbacks.EarlyStopping` (state kept in the store).
-        checkpoint_every, checkpoint_seconds:
-            Commit a version every this many steps, and whenever this many
-            seconds passed since the last commit; always at the end of the fit.
+        checkpoint_steps, checkpoint_seconds:
+            Commit a version every this many steps of the run, and whenever
+            this many seconds passed since the last commit (``math.inf``:
+            never by time); always at epoch ends of minibatch runs and at the
+            end of the fit.  Minibatch steps run on the workers between two
+            checkpoints (a *segment*); a lost worker costs a rerun of the
+            current segment, to the same bits.
         on_nonfinite:
             ``"raise"`` (default): NaN/inf in a data chunk stops the fit with an
             error naming the chunk and row; ``"skip"``: such rows are dropped.
@@ -525,6 +501,17 @@ class Trainer:
             ``objective`` and ``grad_norm`` are means over the round's local
             steps (each measured before its step).  Not for
             :class:`~dasktrain.optim.LBFGS` or sparse models.
+        n_streams:
+            Minibatch runs: the dataset's rows are split into this many
+            contiguous *streams*; each step takes about ``batch_rows /
+            n_streams`` rows from every stream (each stream walks its own
+            chunks in an order shuffled per epoch, their rows shuffled too),
+            and the streams' partial sums are the leaves of the fixed
+            reduction tree.  Part of the run's plan, never of the cluster:
+            the bits are the same on any number of workers; a step uses up
+            to ``n_streams`` worker threads.  ``None``: the run's own in the
+            middle of an epoch, else one stream per 256 rows of a step (at
+            most 32, see :func:`dasktrain.engine.plan.default_n_streams`).
         staleness:
             Models with sharded tables only: ``0`` (default) runs synchronous
             steps.  ``k > 0`` pipelines steps: step ``s`` computes its
@@ -540,9 +527,10 @@ class Trainer:
         History
             All steps of the run (including earlier sessions').
         """
-        self._check_fit_args(data, epochs, batch_rows, validation, checkpoint_every)
+        self._check_fit_args(data, epochs, batch_rows, validation, checkpoint_steps)
         _check_fit_options(checkpoint_seconds, callbacks, early_stopping, progress)
         self._check_local_steps(local_steps, batch_rows)
+        _check_n_streams(n_streams, batch_rows, local_steps, data)
         if (
             not isinstance(staleness, int | np.integer)
             or isinstance(staleness, bool)
@@ -561,6 +549,20 @@ class Trainer:
         all_callbacks: list[Callback] = list(callbacks)
         if early_stopping is not None:
             all_callbacks.append(early_stopping)
+        options = FitOptions(
+            epochs=int(epochs),
+            batch_rows=None if batch_rows is None else int(batch_rows),
+            validation=validation,
+            callbacks=all_callbacks,
+            checkpoint_steps=None
+            if checkpoint_steps is None
+            else int(checkpoint_steps),
+            checkpoint_seconds=float(checkpoint_seconds),
+            on_nonfinite=on_nonfinite,
+            local_steps=None if local_steps is None else int(local_steps),
+            staleness=int(staleness),
+            n_streams=None if n_streams is None else int(n_streams),
+        )
 
         created = not self._store_exists()
         if created:
@@ -568,20 +570,7 @@ class Trainer:
         ps = self._open_for_fit(data)
         with ps.lock(owner=f"Trainer.fit pid {os.getpid()}"):
             try:
-                return self._fit_locked(
-                    ps,
-                    data,
-                    epochs,
-                    batch_rows,
-                    validation,
-                    all_callbacks,
-                    checkpoint_every,
-                    checkpoint_seconds,
-                    on_nonfinite,
-                    progress,
-                    local_steps,
-                    staleness=int(staleness),
-                )
+                return self._fit_locked(ps, data, options, progress)
             except BaseException:
                 if created and (self._run is None or self._run.step == 0):
                     # The store is this call's and holds no step: the failure
@@ -602,25 +591,13 @@ class Trainer:
         logger.info("removed %s: the fit that created it failed", self.store_path)
 
     def _fit_locked(
-        self,
-        ps: ParamStore,
-        data: Dataset,
-        epochs: int,
-        batch_rows: int | None,
-        validation: Dataset | None,
-        all_callbacks: list[Callback],
-        checkpoint_every: int | None,
-        checkpoint_seconds: float,
-        on_nonfinite: str,
-        progress: bool,
-        local_steps: int | None = None,
-        *,
-        staleness: int = 0,
+        self, ps: ParamStore, data: Dataset, options: FitOptions, progress: bool
     ) -> History:
         """The body of :meth:`fit`, run while holding the store's lock."""
         ps.cleanup()
         run = self._start_run(ps, data)
         self._run = run
+        batch_rows, local_steps = options.batch_rows, options.local_steps
         self._check_resumable(run, data, batch_rows)
         if run.epoch_step != 0 and run.local_steps != local_steps:
             raise ConfigMismatchError(
@@ -628,11 +605,22 @@ class Trainer:
                 f"{run.epoch + 1} with local_steps={run.local_steps}; continue it "
                 f"with the same local_steps (the rounds of an epoch depend on it)"
             )
-        for cb in all_callbacks:
+        n_streams = None
+        if batch_rows is not None and local_steps is None and not run.tables:
+            n_streams = resolve_n_streams(
+                options.n_streams, batch_rows, run.n_streams, run.epoch_step != 0
+            )
+            if run.epoch_step != 0 and run.n_streams not in (None, n_streams):
+                raise ConfigMismatchError(
+                    f"parameter store {self.store_path!r} stopped in the middle of "
+                    f"epoch {run.epoch + 1} with n_streams={run.n_streams}; continue "
+                    f"it with the same n_streams (the steps of an epoch depend on it)"
+                )
+        for cb in options.callbacks:
             saved = run.callbacks.get(type(cb).__name__)
             if saved is not None:
                 cb.load_state_dict(saved)
-        if run.epoch < epochs and run.status in ("converged", "stopped"):
+        if run.epoch < options.epochs and run.status in ("converged", "stopped"):
             # Re-running a script must not extend a run that ended on its own
             # (early stopping, a callback, convergence): say so loudly.
             logger.warning(
@@ -641,10 +629,10 @@ class Trainer:
                 self.store_path,
                 run.status,
                 run.epoch,
-                epochs,
+                options.epochs,
             )
             return run.history
-        if run.epoch >= epochs:
+        if run.epoch >= options.epochs:
             logger.info(
                 "store %s already has %d epochs (status %s); nothing to do",
                 self.store_path,
@@ -653,86 +641,70 @@ class Trainer:
             )
             return run.history
         run.batch_rows = batch_rows
-        run.local_steps = None if local_steps is None else int(local_steps)
-        run.dataset = _dataset_meta(data)
+        run.local_steps = local_steps
+        run.n_streams = n_streams
+        run.dataset = dataset_meta(data)
         # A finished run continued to more epochs is running again (its status
         # decides when versions are committed).
         run.status = "running"
+        loop = self._loop(ps, run, data, options)
+        callbacks = loop.callbacks
         if progress:
-            steps_per_epoch = (
-                self._steps_per_epoch(data, batch_rows)
-                if local_steps is None or batch_rows is None
-                else len(self._local_rounds(data, batch_rows, local_steps, 0))
-            )
-            all_callbacks.insert(
-                0,
-                ProgressBar(
-                    total_steps=steps_per_epoch * epochs,
-                    initial=min(run.step, steps_per_epoch * epochs),
-                ),
+            total = loop.steps_per_epoch() * options.epochs
+            callbacks.insert(
+                0, ProgressBar(total_steps=total, initial=min(run.step, total))
             )
         self.stop_training = False
-        for cb in all_callbacks:
+        for cb in callbacks:
             cb.on_fit_begin(self)
         try:
-            if run.tables:
-                self._fit_sharded(
-                    ps,
-                    run,
-                    data,
-                    epochs,
-                    batch_rows,
-                    validation,
-                    all_callbacks,
-                    checkpoint_every,
-                    checkpoint_seconds,
-                    on_nonfinite,
-                    staleness,
-                )
-            elif local_steps is not None:
-                assert batch_rows is not None
-                self._fit_local(
-                    ps,
-                    run,
-                    data,
-                    epochs,
-                    batch_rows,
-                    local_steps,
-                    validation,
-                    all_callbacks,
-                    checkpoint_every,
-                    checkpoint_seconds,
-                    on_nonfinite,
-                )
-            elif isinstance(self.optimizer, LBFGS):
-                self._fit_lbfgs(
-                    ps,
-                    run,
-                    data,
-                    epochs,
-                    validation,
-                    all_callbacks,
-                    checkpoint_every,
-                    checkpoint_seconds,
-                    on_nonfinite,
-                )
-            else:
-                self._fit_steps(
-                    ps,
-                    run,
-                    data,
-                    epochs,
-                    batch_rows,
-                    validation,
-                    all_callbacks,
-                    checkpoint_every,
-                    checkpoint_seconds,
-                    on_nonfinite,
-                )
+            loop.fit()
         finally:
-            for cb in all_callbacks:
+            for cb in callbacks:
                 cb.on_fit_end(self, run.history)
         return run.history
+
+    def _loop(
+        self, ps: ParamStore, run: Run, data: Dataset, options: FitOptions
+    ) -> FitLoop:
+        """The loop module that runs this fit (one per way of training)."""
+        common: dict[str, Any] = {
+            "engine": self._engine,
+            "commit": self._commit,
+            "log_event": self._log_event,
+        }
+        if run.tables:
+            return TablesLoop(
+                self,
+                ps,
+                run,
+                data,
+                options,
+                sharded=self._sharded_engine,
+                store_ref=self._store_ref,
+                **common,
+            )
+        if isinstance(self.optimizer, LBFGS):
+            return LBFGSLoop(self, ps, run, data, options, **common)
+        if options.batch_rows is None:
+            return FullBatchLoop(self, ps, run, data, options, **common)
+        return MinibatchLoop(
+            self, ps, run, data, options, segments=self._segment_runner(), **common
+        )
+
+    def _segment_runner(self) -> SegmentRunner:
+        if self._segments is None:
+            self._segments = SegmentRunner(self._engine)
+        return self._segments
+
+    def _log_event(self, row: dict[str, Any]) -> None:
+        """One row to the scheduler's event log (~1 ms): the dashboard page."""
+        try:
+            self._handle.client.log_event(
+                EVENT_TOPIC, {"store": self.store_path, **row}
+            )
+        except Exception:
+            logger.debug("could not log a dashboard event", exc_info=True)
 
     def _check_fit_args(
         self,
@@ -740,7 +712,7 @@ class Trainer:
         epochs: Any,
         batch_rows: Any,
         validation: Any,
-        checkpoint_every: Any,
+        checkpoint_steps: Any,
     ) -> None:
         if not isinstance(data, Dataset):
             raise TypeError(
@@ -770,11 +742,13 @@ class Trainer:
                 f"{type(self.optimizer).__name__} needs full-batch training: "
                 f"use batch_rows=None"
             )
-        if checkpoint_every is not None and (
-            not isinstance(checkpoint_every, int | np.integer) or checkpoint_every < 1
+        if checkpoint_steps is not None and (
+            not isinstance(checkpoint_steps, int | np.integer)
+            or isinstance(checkpoint_steps, bool)
+            or checkpoint_steps < 1
         ):
             raise ValueError(
-                f"checkpoint_every must be a positive integer, got {checkpoint_every!r}"
+                f"checkpoint_steps must be a positive integer, got {checkpoint_steps!r}"
             )
 
     def _check_validation_fields(self, data: Dataset, validation: Dataset) -> None:
@@ -788,9 +762,7 @@ class Trainer:
                     f"{ours.shape}"
                 )
 
-    def _check_resumable(
-        self, run: _Run, data: Dataset, batch_rows: int | None
-    ) -> None:
+    def _check_resumable(self, run: Run, data: Dataset, batch_rows: int | None) -> None:
         if run.epoch_step == 0:
             return
         if run.batch_rows != batch_rows:
@@ -807,322 +779,6 @@ class Trainer:
                 f"{run.epoch + 1} on dataset {run.dataset.get('url')!r}; continue it "
                 f"on the same dataset (and split) to finish that epoch"
             )
-
-    def _steps_per_epoch(self, data: Dataset, batch_rows: int | None) -> int:
-        if batch_rows is None:
-            return 1
-        return len(
-            epoch_steps(
-                data.chunk_ids,
-                data.chunk_n_rows,
-                batch_rows=batch_rows,
-                seed=0,
-                epoch=0,
-            )
-        )
-
-    def _pass(
-        self,
-        data: Dataset,
-        params: Mapping[str, np.ndarray],
-        pieces: Any,
-        *,
-        with_grads: bool,
-        nonfinite: str,
-    ) -> PassResult:
-        return self._engine.run_pass(
-            data.ref,
-            self.model,
-            params,
-            pieces,
-            placement_chunks=data.chunk_ids,
-            with_grads=with_grads,
-            nonfinite=nonfinite,
-        )
-
-    def _objective(
-        self, partial: Partial, params: Mapping[str, np.ndarray], step: int
-    ) -> tuple[float, float, dict[str, np.ndarray]]:
-        """Mean data loss, objective and objective gradient; raises
-        :class:`DivergenceError` on non-finite values."""
-        n = partial.n_rows
-        if n == 0:
-            raise DivergenceError(f"step {step}: the batch has no rows (all skipped?)")
-        # Non-finite values are checked below (no floating-point warnings).
-        with np.errstate(over="ignore", invalid="ignore"):
-            loss = partial.loss_sum / n
-            objective = loss + self.model.penalty(dict(params))
-            if isinstance(self.model, SparseModel):
-                # The per-occurrence penalty of sparse models is a batch sum.
-                objective += partial.metrics.get("penalty", 0.0) / n
-            pgrad = self.model.penalty_grad(dict(params))
-            grads = {
-                k: (
-                    g.to_dense()
-                    if isinstance(g, RowSparse)
-                    else np.asarray(g, np.float64)
-                )
-                / n
-                + pgrad[k]
-                for k, g in partial.grads.items()
-            }
-        bad = [k for k, g in grads.items() if not np.all(np.isfinite(g))]
-        if not math.isfinite(objective) or bad:
-            what = (
-                f"loss is {objective}"
-                if not math.isfinite(objective)
-                else f"gradient of {bad} is not finite"
-            )
-            raise DivergenceError(
-                f"step {step}: {what}; the store {self.store_path!r} keeps the last "
-                f"good version. Lower the learning rate or add gradient clipping."
-            )
-        return loss, objective, grads
-
-    def _log_row(self, row: dict[str, Any], callbacks: Sequence[Callback]) -> None:
-        """Report a step already appended to the history: a dashboard event,
-        then the callbacks' ``on_step_end``."""
-        try:
-            # One small message to the scheduler's event log per step (~1 ms):
-            # feeds the dashboard page.
-            self._handle.client.log_event(
-                EVENT_TOPIC, {"store": self.store_path, **row}
-            )
-        except Exception:
-            logger.debug("could not log a dashboard event", exc_info=True)
-        for cb in callbacks:
-            cb.on_step_end(self, row)
-
-    def _validate(
-        self,
-        row: dict[str, Any],
-        params: Mapping[str, np.ndarray],
-        validation: Dataset | None,
-        on_nonfinite: str,
-    ) -> None:
-        """Add ``val_*`` metrics of ``params`` on ``validation`` to ``row``."""
-        if validation is None:
-            return
-        res = self._pass(
-            validation,
-            params,
-            full_pass(validation.chunk_ids, validation.chunk_n_rows),
-            with_grads=False,
-            nonfinite=on_nonfinite,
-        )
-        for k, v in self.model.summarize(res.partial).items():
-            row[f"val_{k}"] = v
-
-    def _epoch_callbacks(
-        self, run: _Run, row: dict[str, Any], callbacks: Sequence[Callback]
-    ) -> None:
-        try:
-            for cb in callbacks:
-                cb.on_epoch_end(self, row)
-        finally:
-            # Saved with the next commit, even if a callback raised.
-            run.callbacks = {
-                type(cb).__name__: cb.state_dict()
-                for cb in callbacks
-                if cb.state_dict()
-            }
-
-    def _fit_steps(
-        self,
-        ps: ParamStore,
-        run: _Run,
-        data: Dataset,
-        epochs: int,
-        batch_rows: int | None,
-        validation: Dataset | None,
-        callbacks: Sequence[Callback],
-        checkpoint_every: int | None,
-        checkpoint_seconds: float,
-        on_nonfinite: str,
-    ) -> None:
-        last_commit = time.monotonic()
-        committed_step = run.step
-        try:
-            while run.epoch < epochs and not self.stop_training:
-                # Plan: the epoch's batches are a pure function of (seed, epoch).
-                plan = epoch_steps(
-                    data.chunk_ids,
-                    data.chunk_n_rows,
-                    batch_rows=batch_rows,
-                    seed=self.seed,
-                    epoch=run.epoch,
-                )
-                for pieces in plan[run.epoch_step :]:
-                    if self.stop_training:
-                        break
-                    t0 = time.perf_counter()
-                    # Gradients: one pass over the batch on the cluster (sync point).
-                    res = self._pass(
-                        data,
-                        run.params,
-                        pieces,
-                        with_grads=True,
-                        nonfinite=on_nonfinite,
-                    )
-                    loss, objective, grads = self._objective(
-                        res.partial, run.params, run.step + 1
-                    )
-                    grad_norm = global_norm(grads)
-                    # Update: optimizer on the client (parameters are small here).
-                    with np.errstate(over="ignore", invalid="ignore"):
-                        updates, opt_state = self.optimizer.update(
-                            grads, run.opt_state, run.params
-                        )
-                        params = apply_updates(run.params, updates)
-                    if not all(np.all(np.isfinite(v)) for v in params.values()):
-                        raise DivergenceError(
-                            f"step {run.step + 1}: the update made parameters "
-                            f"non-finite; the store {self.store_path!r} keeps the last "
-                            f"good version. Lower the learning rate or add gradient "
-                            f"clipping."
-                        )
-                    row = self._step_row(
-                        run,
-                        res,
-                        loss=loss,
-                        objective=objective,
-                        grad_norm=grad_norm,
-                        learning_rate=self.optimizer.learning_rate_at(run.step),
-                        seconds=time.perf_counter() - t0,
-                    )
-                    if self._close_step(
-                        ps,
-                        run,
-                        row,
-                        params,
-                        opt_state,
-                        end_of_epoch=run.epoch_step + 1 == len(plan),
-                        epochs=epochs,
-                        validation=validation,
-                        on_nonfinite=on_nonfinite,
-                        callbacks=callbacks,
-                        checkpoint_every=checkpoint_every,
-                        checkpoint_seconds=checkpoint_seconds,
-                        last_commit=last_commit,
-                    ):
-                        committed_step, last_commit = run.step, time.monotonic()
-        finally:
-            # On an error or Ctrl-C, keep the steps computed since the last
-            # commit: ``run`` only ever holds checked, finite states.
-            if run.step > committed_step:
-                self._commit(ps, run)
-
-    def _step_row(
-        self,
-        run: _Run,
-        res: PassResult | ShardedPassResult,
-        *,
-        loss: float,
-        objective: float,
-        grad_norm: float,
-        learning_rate: float,
-        seconds: float,
-        **extra: Any,
-    ) -> dict[str, Any]:
-        """The history row of the step that follows ``run``'s last one."""
-        n = res.partial.n_rows
-        return {
-            "step": run.step + 1,
-            "epoch": run.epoch + 1,
-            "loss": loss,
-            "objective": objective,
-            "grad_norm": grad_norm,
-            "learning_rate": learning_rate,
-            "rows": n,
-            "rows_per_s": n / seconds if seconds > 0 else math.nan,
-            "seconds": seconds,
-            **{k: v for k, v in extra.items() if k == "local_steps"},
-            **{
-                f"train_{k}": v
-                for k, v in self.model.summarize(res.partial).items()
-                if k != "loss"
-            },
-            "cache_hit_rate": _hit_rate(res),
-            **{k: v for k, v in extra.items() if k != "local_steps"},
-        }
-
-    def _close_step(
-        self,
-        ps: ParamStore,
-        run: _Run,
-        row: dict[str, Any],
-        params: dict[str, np.ndarray],
-        opt_state: dict[str, np.ndarray],
-        *,
-        end_of_epoch: bool,
-        epochs: int,
-        validation: Dataset | None,
-        on_nonfinite: str,
-        callbacks: Sequence[Callback],
-        checkpoint_every: int | None,
-        checkpoint_seconds: float,
-        last_commit: float,
-    ) -> bool:
-        """End a checked step (or round) of a dense model: validate at an
-        epoch's end, move the run on, and commit when due.  Returns whether
-        it committed."""
-        if end_of_epoch:
-            # Validate before the run moves on: if this fails, the run (and
-            # what the store gets) stays at the last step.
-            self._validate(row, params, validation, on_nonfinite)
-        self._advance(run, row, params, opt_state, end_of_epoch, epochs, callbacks)
-        # Checkpoint: a new version, then one metadata write; always at the
-        # end of the fit.
-        if self._commit_due(run, checkpoint_every, checkpoint_seconds, last_commit):
-            self._commit(ps, run)
-            return True
-        return False
-
-    def _advance(
-        self,
-        run: _Run,
-        row: dict[str, Any],
-        params: dict[str, np.ndarray],
-        opt_state: dict[str, np.ndarray],
-        end_of_epoch: bool,
-        epochs: int,
-        callbacks: Sequence[Callback],
-    ) -> None:
-        """Move the run on by one step.  It gets its history row even if a
-        callback raises (a consistent run to commit)."""
-        run.params, run.opt_state = params, opt_state
-        run.step += 1
-        run.epoch_step += 1
-        if end_of_epoch:
-            run.epoch += 1
-            run.epoch_step = 0
-        try:
-            if end_of_epoch:
-                self._epoch_callbacks(run, row, callbacks)
-        finally:
-            run.history.append(row)
-        self._log_row(row, callbacks)
-        if run.epoch >= epochs:
-            run.status = "finished"
-        elif self.stop_training:
-            run.status = "stopped"
-
-    @staticmethod
-    def _commit_due(
-        run: _Run,
-        checkpoint_every: int | None,
-        checkpoint_seconds: float,
-        last_commit: float,
-        in_flight: bool = False,
-    ) -> bool:
-        """A checkpoint is due: every ``checkpoint_every`` steps, after
-        ``checkpoint_seconds``, and when the run ends (once no step is in
-        flight)."""
-        return (
-            (run.status != "running" and not in_flight)
-            or (checkpoint_every is not None and run.step % checkpoint_every == 0)
-            or time.monotonic() - last_commit >= checkpoint_seconds
-        )
 
     def _check_local_steps(self, local_steps: Any, batch_rows: Any) -> None:
         if local_steps is None:
@@ -1152,321 +808,10 @@ class Trainer:
                 f"the updates of rows few chunks touch; use local_steps=None"
             )
 
-    def _local_rounds(
-        self, data: Dataset, batch_rows: int, local_steps: int, epoch: int
-    ) -> list[list[tuple[Piece, ...]]]:
-        return local_sgd_rounds(
-            data.chunk_ids,
-            data.chunk_n_rows,
-            batch_rows=batch_rows,
-            local_steps=local_steps,
-            seed=self.seed,
-            epoch=epoch,
-        )
-
-    def _fit_local(
-        self,
-        ps: ParamStore,
-        run: _Run,
-        data: Dataset,
-        epochs: int,
-        batch_rows: int,
-        local_steps: int,
-        validation: Dataset | None,
-        callbacks: Sequence[Callback],
-        checkpoint_every: int | None,
-        checkpoint_seconds: float,
-        on_nonfinite: str,
-    ) -> None:
-        """Local SGD: each step of the run is a round in which every chunk runs
-        ``local_steps`` minibatch steps from the current point on its worker,
-        then the chunks' parameters and float optimizer state are averaged by
-        the fixed tree, weighted by rows (see ``fit(local_steps=...)``)."""
-        last_commit = time.monotonic()
-        committed_step = run.step
-        try:
-            while run.epoch < epochs and not self.stop_training:
-                # Plan: the epoch's rounds are a pure function of (seed, epoch).
-                plan = self._local_rounds(data, batch_rows, local_steps, run.epoch)
-                for leaves in plan[run.epoch_step :]:
-                    if self.stop_training:
-                        break
-                    t0 = time.perf_counter()
-                    # Local steps on the workers, averaged by the fixed tree:
-                    # the client gets one reduced partial (sync point).
-                    res = self._engine.run_local_round(
-                        data.ref,
-                        self.model,
-                        self.optimizer,
-                        run.params,
-                        run.opt_state,
-                        leaves,
-                        placement_chunks=data.chunk_ids,
-                        nonfinite=on_nonfinite,
-                    )
-                    partial = res.partial
-                    round_steps = max(len(leaf) for leaf in leaves)
-                    n = partial.n_rows
-                    if n == 0:
-                        raise DivergenceError(
-                            f"step {run.step + 1}: the round has no rows (all skipped?)"
-                        )
-                    # Average: divide the tree's row-weighted sums by the rows.
-                    params, float_state = local_average(partial)
-                    opt_state = {
-                        **advance_counts(run.opt_state, round_steps),
-                        **float_state,
-                    }
-                    loss = partial.mean_loss()
-                    objective = partial.metrics[LOCAL_OBJECTIVE_SUM] / n
-                    bad = [
-                        k
-                        for k, v in {**params, **float_state}.items()
-                        if not np.all(np.isfinite(v))
-                    ]
-                    if bad or not math.isfinite(objective):
-                        raise DivergenceError(
-                            f"step {run.step + 1}: local SGD made "
-                            f"{bad or 'the loss'} non-finite; the store "
-                            f"{self.store_path!r} keeps the last good version. "
-                            f"Lower the learning rate or add gradient clipping."
-                        )
-                    row = self._step_row(
-                        run,
-                        res,
-                        loss=loss,
-                        objective=objective,
-                        grad_norm=partial.metrics[LOCAL_GRAD_NORM_SUM] / n,
-                        learning_rate=self.optimizer.learning_rate_at(
-                            _step_count(run.opt_state)
-                        ),
-                        seconds=time.perf_counter() - t0,
-                        local_steps=round_steps,
-                    )
-                    if self._close_step(
-                        ps,
-                        run,
-                        row,
-                        params,
-                        opt_state,
-                        end_of_epoch=run.epoch_step + 1 == len(plan),
-                        epochs=epochs,
-                        validation=validation,
-                        on_nonfinite=on_nonfinite,
-                        callbacks=callbacks,
-                        checkpoint_every=checkpoint_every,
-                        checkpoint_seconds=checkpoint_seconds,
-                        last_commit=last_commit,
-                    ):
-                        committed_step, last_commit = run.step, time.monotonic()
-        finally:
-            # On an error or Ctrl-C, keep the rounds since the last commit.
-            if run.step > committed_step:
-                self._commit(ps, run)
-
-    def _fit_lbfgs(
-        self,
-        ps: ParamStore,
-        run: _Run,
-        data: Dataset,
-        epochs: int,
-        validation: Dataset | None,
-        callbacks: Sequence[Callback],
-        checkpoint_every: int | None,
-        checkpoint_seconds: float,
-        on_nonfinite: str,
-    ) -> None:
-        """L-BFGS: each iteration (an "epoch" of the run) is a direction from
-        the stored curvature pairs and a strong-Wolfe line search whose every
-        round is one full pass over the data.  With an L1 penalty, OWL-QN: the
-        pairs and trial gradients describe the smooth part of the objective,
-        the direction follows the pseudo-gradient and trial points stay in
-        its orthant (see :class:`~dasktrain.optim.lbfgs.OrthantSearch`)."""
-        opt = self.optimizer
-        assert isinstance(opt, LBFGS)
-        pieces = full_pass(data.chunk_ids, data.chunk_n_rows)
-        like = run.params
-        l1 = flatten(
-            {
-                k: np.full(np.shape(v), self.model.l1_strengths().get(k, 0.0))
-                for k, v in like.items()
-            }
-        )
-        owl = bool(np.any(l1 > 0.0))
-
-        def smooth(x: np.ndarray, g: np.ndarray) -> np.ndarray:
-            """The gradient without the L1 subgradient (OWL-QN's pairs)."""
-            return g - l1 * np.sign(x) if owl else g
-
-        def evaluate(x: np.ndarray) -> tuple[float, float, np.ndarray, PassResult]:
-            params = unflatten(x, like)
-            # One full pass on the cluster (sync point).
-            res = self._pass(
-                data, params, pieces, with_grads=True, nonfinite=on_nonfinite
-            )
-            loss, objective, grads = self._objective(res.partial, params, run.step + 1)
-            return loss, objective, smooth(x, flatten(grads)), res
-
-        def evaluate_many(xs: list[np.ndarray]) -> list[_Trial]:
-            """Trials at several points: one pass if more than one."""
-            if len(xs) == 1:
-                try:
-                    return [(xs[0], *evaluate(xs[0]))]
-                except DivergenceError:
-                    return [_nonfinite_trial(xs[0])]
-            params_list = [unflatten(x, like) for x in xs]
-            # One full pass on the cluster for all points (sync point).
-            results = self._engine.run_pass_many(
-                data.ref,
-                self.model,
-                params_list,
-                pieces,
-                placement_chunks=data.chunk_ids,
-                nonfinite=on_nonfinite,
-            )
-            out: list[_Trial] = []
-            for x, params, res in zip(xs, params_list, results, strict=True):
-                try:
-                    loss, objective, grads = self._objective(
-                        res.partial, params, run.step + 1
-                    )
-                except DivergenceError:
-                    out.append(_nonfinite_trial(x))
-                    continue
-                out.append((x, loss, objective, smooth(x, flatten(grads)), res))
-            return out
-
-        last_commit = time.monotonic()
-        committed_step = run.step
-        x = flatten(run.params)
-        # The objective and gradient at the committed point, as the run that
-        # committed it had them: a trial of a several-candidate pass (one
-        # matrix product for all candidates) has other rounding than a pass
-        # at one point, so they are kept in the state, not recomputed.
-        point = _lbfgs_point(run.opt_state, x.size)
-        if point is None:  # the first point of a run: one pass
-            _, f, g, _ = evaluate(x)
-        else:
-            f, g = point
-        try:
-            while run.epoch < epochs and not self.stop_training:
-                pg = pseudo_gradient(x, g, l1) if owl else g
-                if opt.converged(f, pg):
-                    run.status = "converged"
-                    break
-                t0 = time.perf_counter()
-                ls: WolfeLineSearch | OrthantSearch
-                if owl:
-                    p = opt.orthant_direction(run.opt_state, pg)
-                    ls = opt.orthant_search(f, x, p, pg, l1)
-                else:
-                    p = opt.direction(run.opt_state, g)
-                    ls = opt.line_search(f, float(g @ p))
-                trials: list[_Trial] = []
-                while not ls.done:
-                    alphas = ls.next_alphas(opt.n_candidates(run.opt_state, ls))
-                    if isinstance(ls, OrthantSearch):
-                        batch = evaluate_many([ls.point(a) for a in alphas])
-                        ls.observe_many(
-                            [(a, t[2]) for a, t in zip(alphas, batch, strict=True)]
-                        )
-                    else:
-                        batch = evaluate_many([x + alpha * p for alpha in alphas])
-                        # A non-finite trial (nan) makes the line search
-                        # shorten the step.
-                        ls.observe_many(
-                            [
-                                (alpha, ft, float(gt @ p))
-                                for alpha, (_, _, ft, gt, _) in zip(
-                                    alphas, batch, strict=True
-                                )
-                            ]
-                        )
-                    trials.extend(batch)
-                result = ls.result
-                if not result.accepted:
-                    if int(run.opt_state["n_hist"]) == 0:
-                        logger.info("L-BFGS: no decrease along the gradient; stopping")
-                        run.status = "converged"
-                        break
-                    run.opt_state = {
-                        **opt.reset(run.opt_state),
-                        **_lbfgs_point_state(f, g),
-                    }
-                    continue
-                x_new, loss, f_new, g_new, accepted = trials[result.trial_index]
-                assert accepted is not None
-                res = accepted
-                new_params = unflatten(x_new, like)
-                seconds = time.perf_counter() - t0
-                n_rows = res.partial.n_rows * ls.n_rounds
-                row = {
-                    "step": run.step + 1,
-                    "epoch": run.epoch + 1,
-                    "loss": loss,
-                    "objective": f_new,
-                    "grad_norm": float(
-                        np.linalg.norm(
-                            pseudo_gradient(x_new, g_new, l1) if owl else g_new
-                        )
-                    ),
-                    "learning_rate": float(result.alpha),
-                    "rows": n_rows,
-                    "rows_per_s": n_rows / seconds if seconds > 0 else math.nan,
-                    "seconds": seconds,
-                    "evals": len(trials),
-                    "passes": ls.n_rounds,
-                    **{
-                        f"train_{k}": v
-                        for k, v in self.model.summarize(res.partial).items()
-                        if k != "loss"
-                    },
-                    "cache_hit_rate": _hit_rate(res),
-                }
-                # Validate before the run moves on (see _fit_steps).
-                self._validate(row, new_params, validation, on_nonfinite)
-                run.opt_state = {
-                    **opt.push(run.opt_state, x_new - x, g_new - g),
-                    **_lbfgs_point_state(f_new, g_new),
-                }
-                stalled = opt.stalled(f, f_new)
-                x, f, g = x_new, f_new, g_new
-                run.params = new_params
-                run.step += 1
-                run.epoch += 1
-                try:
-                    self._epoch_callbacks(run, row, callbacks)
-                finally:
-                    run.history.append(row)
-                self._log_row(row, callbacks)
-                if opt.converged(f, g) or stalled:
-                    run.status = "converged"
-                elif run.epoch >= epochs:
-                    run.status = "finished"
-                elif self.stop_training:
-                    run.status = "stopped"
-                now = time.monotonic()
-                if (
-                    run.status != "running"
-                    or (
-                        checkpoint_every is not None
-                        and run.step % checkpoint_every == 0
-                    )
-                    or now - last_commit >= checkpoint_seconds
-                ):
-                    self._commit(ps, run)
-                    committed_step, last_commit = run.step, now
-                if run.status == "converged":
-                    break
-        finally:
-            # On an error or Ctrl-C, keep the iterations since the last commit.
-            if run.step > committed_step:
-                self._commit(ps, run)
-
     # -- sharded tables (the parameter-server path) ----------------------------
     def _start_sharded_run(
         self, ps: ParamStore, data: Dataset, rng: np.random.Generator
-    ) -> _Run:
+    ) -> Run:
         """Initialize a run whose tables live in row shards of the store:
         dense parameters on the client, tables written by the workers into
         version 0, then committed."""
@@ -1479,191 +824,19 @@ class Trainer:
         layouts, _ = table_layouts(
             model, self.optimizer, params, shard_rows=self.shard_rows
         )
-        run = _Run(
+        run = Run(
             params=params,
             opt_state=self.optimizer.init(params),
             status="running",
             tables=layouts,
             table_step=0,
         )
-        run.dataset = _dataset_meta(data)
+        run.dataset = dataset_meta(data)
         self._sharded_engine.init_tables(ps, 0, model, seed, layouts)
         self._commit(ps, run)
         return run
 
-    def _global_state(self, run: _Run) -> dict[str, np.ndarray]:
-        """Optimizer state not tied to a parameter (e.g. step counts)."""
-        return {
-            k: v
-            for k, v in run.opt_state.items()
-            if not any(k.endswith("." + name) for name in run.params)
-        }
-
-    def _fit_sharded(
-        self,
-        ps: ParamStore,
-        run: _Run,
-        data: Dataset,
-        epochs: int,
-        batch_rows: int | None,
-        validation: Dataset | None,
-        callbacks: Sequence[Callback],
-        checkpoint_every: int | None,
-        checkpoint_seconds: float,
-        on_nonfinite: str,
-        staleness: int = 0,
-    ) -> None:
-        """Steps of a model with sharded tables.  Each step writes a new
-        version of the store (changed shards written by workers, the others
-        shared with the previous version); a checkpoint commits it, and
-        versions no longer needed are dropped unless they are kept committed
-        ones.  With ``staleness = k``, up to ``k + 1`` steps are in flight
-        (see :meth:`fit`)."""
-        model = self.model
-        assert isinstance(model, SparseModel)
-        engine = self._sharded_engine
-        last_commit = time.monotonic()
-        committed_step = run.step
-        pending: list[tuple[StepHandle, dict[str, np.ndarray]]] = []
-        readers: dict[int, int] = {}  # version -> steps in flight reading it
-
-        def drop_unused_versions() -> None:
-            assert run.table_step is not None
-            busy = {v for v, n in readers.items() if n > 0}
-            for step in ps.version_dirs():
-                if (
-                    step < run.table_step
-                    and step not in ps.versions
-                    and step not in busy
-                ):
-                    ps.discard_version(step)
-
-        def finish_oldest(plan_len: int) -> None:
-            nonlocal committed_step, last_commit
-            handle, _ = pending.pop(0)
-            res = engine.finish_step(handle)
-            readers[handle.read_step] -= 1
-            step = handle.write_step
-            loss, objective, grads = self._objective(res.partial, run.params, step)
-            with np.errstate(over="ignore", invalid="ignore"):
-                updates, opt_state = self.optimizer.update(
-                    grads, run.opt_state, run.params
-                )
-                params = apply_updates(run.params, updates)
-            if not all(np.all(np.isfinite(v)) for v in params.values()):
-                raise DivergenceError(
-                    f"step {step}: the update made parameters non-finite; the store "
-                    f"{self.store_path!r} keeps the last good version. Lower the "
-                    f"learning rate."
-                )
-            row = self._step_row(
-                run,
-                res,
-                loss=loss,
-                objective=objective,
-                grad_norm=global_norm(grads),
-                learning_rate=self.optimizer.learning_rate_at(run.step),
-                seconds=time.perf_counter() - handle.t0,
-                **res.stats.to_row(),
-            )
-            end_of_epoch = run.epoch_step + 1 == plan_len
-            if end_of_epoch and validation is not None:
-                self._validate_sharded(row, params, step, run, validation, on_nonfinite)
-            run.table_step = step
-            self._advance(run, row, params, opt_state, end_of_epoch, epochs, callbacks)
-            if self._commit_due(
-                run, checkpoint_every, checkpoint_seconds, last_commit, bool(pending)
-            ):
-                self._commit(ps, run, protect={h.read_step for h, _ in pending})
-                committed_step, last_commit = run.step, time.monotonic()
-            drop_unused_versions()
-
-        try:
-            while run.epoch < epochs and not self.stop_training:
-                plan = epoch_steps(
-                    data.chunk_ids,
-                    data.chunk_n_rows,
-                    batch_rows=batch_rows,
-                    seed=self.seed,
-                    epoch=run.epoch,
-                )
-                for pieces in plan[run.epoch_step + len(pending) :]:
-                    if self.stop_training:
-                        break
-                    assert run.table_step is not None
-                    # Optimizer counters before this step: those of the last
-                    # finished step, advanced by the steps still in flight.
-                    gstate = pending[-1][1] if pending else self._global_state(run)
-                    handle = engine.submit_step(
-                        ps,
-                        data.ref,
-                        model,
-                        self.optimizer,
-                        run.params,
-                        gstate,
-                        run.tables,
-                        pieces,
-                        read_step=run.table_step,
-                        write_step=run.step + len(pending) + 1,
-                        after=pending[-1][0] if pending else None,
-                        placement_chunks=data.chunk_ids,
-                        nonfinite=on_nonfinite,
-                    )
-                    readers[run.table_step] = readers.get(run.table_step, 0) + 1
-                    _, gstate_after = self.optimizer.update({}, gstate, {})
-                    pending.append((handle, gstate_after))
-                    if len(pending) > staleness:
-                        finish_oldest(len(plan))
-                # The end of the epoch (or a stop): finish the steps in flight.
-                while pending:
-                    finish_oldest(len(plan))
-        finally:
-            if pending:
-                # An error or Ctrl-C: drop the steps in flight; the run keeps
-                # every step that finished.
-                engine.cancel([h for h, _ in pending])
-                for h, _ in pending:
-                    with contextlib.suppress(Exception):
-                        ps.discard_version(h.write_step)
-                pending.clear()
-            if run.step > committed_step:
-                self._commit(ps, run)
-
-    def _validate_sharded(
-        self,
-        row: dict[str, Any],
-        params: Mapping[str, np.ndarray],
-        step: int,
-        run: _Run,
-        validation: Dataset,
-        on_nonfinite: str,
-    ) -> None:
-        res = self._sharded_pass(validation, params, step, run, on_nonfinite)
-        for k, v in self.model.summarize(res.partial).items():
-            row[f"val_{k}"] = v
-
-    def _sharded_pass(
-        self,
-        data: Dataset,
-        params: Mapping[str, np.ndarray],
-        step: int,
-        run: _Run,
-        on_nonfinite: str,
-    ) -> ShardedPassResult:
-        assert isinstance(self.model, SparseModel)
-        return self._sharded_engine.run_pass(
-            self._store_ref,
-            step,
-            data.ref,
-            self.model,
-            params,
-            run.tables,
-            full_pass(data.chunk_ids, data.chunk_n_rows),
-            placement_chunks=data.chunk_ids,
-            nonfinite=on_nonfinite,
-        )
-
-    def _apply_sparse(self, kind: str, X: Any, run: _Run) -> Any:
+    def _apply_sparse(self, kind: str, X: Any, run: Run) -> Any:
         """Predictions of a SparseModel for a Dataset (a dask array, computed
         by tasks that pull the table rows they need) or a mapping of fields
         to arrays (numpy)."""
@@ -1756,14 +929,25 @@ class Trainer:
         self._check_features(data)
         if run.tables:
             assert run.table_step is not None
-            partial = self._sharded_pass(
-                data, run.params, run.table_step, run, on_nonfinite
-            ).partial
-        else:
-            partial = self._pass(
+            assert isinstance(self.model, SparseModel)
+            partial = sharded_pass(
+                self._sharded_engine,
+                self._store_ref,
+                self.model,
                 data,
                 run.params,
+                run.table_step,
+                run,
+                on_nonfinite,
+            ).partial
+        else:
+            # One pass on the cluster (sync point).
+            partial = self._engine.run_pass(
+                data.ref,
+                self.model,
+                run.params,
                 full_pass(data.chunk_ids, data.chunk_n_rows),
+                placement_chunks=data.chunk_ids,
                 with_grads=False,
                 nonfinite=on_nonfinite,
             ).partial
@@ -1920,62 +1104,37 @@ def _check_fit_options(
         raise TypeError(f"progress must be True or False, got {progress!r}")
 
 
+def _check_n_streams(
+    n_streams: Any, batch_rows: Any, local_steps: Any, data: Dataset
+) -> None:
+    if n_streams is None:
+        return
+    if (
+        not isinstance(n_streams, int | np.integer)
+        or isinstance(n_streams, bool)
+        or n_streams < 1
+    ):
+        raise ValueError(
+            f"n_streams must be a positive integer or None, got {n_streams!r}"
+        )
+    if batch_rows is None or local_steps is not None:
+        raise ValueError(
+            "n_streams applies to minibatch steps (batch_rows set, local_steps=None)"
+        )
+    if n_streams > batch_rows:
+        raise ValueError(
+            f"n_streams={n_streams} is more than batch_rows={batch_rows}: each "
+            f"stream gives a step at least one row"
+        )
+    n_rows = sum(data.chunk_n_rows(c) for c in data.chunk_ids)
+    if n_streams > n_rows:
+        raise ValueError(
+            f"n_streams={n_streams} is more than the {n_rows} rows of the data"
+        )
+
+
 def _check_nonfinite_policy(on_nonfinite: Any) -> None:
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(
             f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}"
         )
-
-
-def _step_count(opt_state: Mapping[str, np.ndarray]) -> int:
-    """Optimizer updates done so far: the largest step counter of the state."""
-    counts = [int(v) for v in opt_state.values() if is_count(v)]
-    return max(counts, default=0)
-
-
-def _hit_rate(res: PassResult | ShardedPassResult) -> float:
-    total = res.cache_hits + res.cache_misses
-    return res.cache_hits / total if total else math.nan
-
-
-def _dataset_meta(data: Dataset) -> dict[str, Any]:
-    return {
-        "url": data.path,
-        "uuid": data.uuid,
-        "n_rows": int(sum(data.chunk_n_rows(c) for c in data.chunk_ids)),
-        "chunk_ids": [int(c) for c in data.chunk_ids],
-    }
-
-
-#: An L-BFGS trial: point, mean loss, objective, gradient, and its pass
-#: (``None`` for a non-finite trial).
-_Trial = tuple[np.ndarray, float, float, np.ndarray, "PassResult | None"]
-
-
-def _nonfinite_trial(x: np.ndarray) -> _Trial:
-    return (x, math.nan, math.nan, np.full_like(x, np.nan), None)
-
-
-#: Keys of the L-BFGS state the trainer adds: objective and gradient at the
-#: current point.
-_LBFGS_POINT_F = "point_objective"
-_LBFGS_POINT_G = "point_grad"
-
-
-def _lbfgs_point_state(f: float, g: np.ndarray) -> dict[str, np.ndarray]:
-    return {
-        _LBFGS_POINT_F: np.asarray(f, dtype=np.float64),
-        _LBFGS_POINT_G: np.asarray(g, dtype=np.float64).copy(),
-    }
-
-
-def _lbfgs_point(
-    state: Mapping[str, np.ndarray], n_params: int
-) -> tuple[float, np.ndarray] | None:
-    """Objective and gradient kept in an L-BFGS state, if any."""
-    if _LBFGS_POINT_F not in state or _LBFGS_POINT_G not in state:
-        return None
-    g = np.asarray(state[_LBFGS_POINT_G], dtype=np.float64).ravel()
-    if g.size != n_params:
-        return None
-    return float(state[_LBFGS_POINT_F]), g

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dasktrain.trainer import EVENT_TOPIC
+from dasktrain.engine.rank import EVENT_TOPIC
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +158,31 @@ def _short_name(store: str) -> str:
     return name or "?"
 
 
+def _rows_of(events: Iterable[tuple[float, Any]]) -> Iterable[tuple[float, Any]]:
+    """One ``(timestamp, row)`` per step: events hold one row (logged by the
+    client) or a batch of them under ``"rows"`` (logged by a segment's
+    leader)."""
+    for timestamp, msg in events:
+        if isinstance(msg, Mapping) and isinstance(msg.get("rows"), list):
+            store = msg.get("store", "?")
+            for row in msg["rows"]:
+                if isinstance(row, Mapping):
+                    yield timestamp, {"store": store, **row}
+        else:
+            yield timestamp, msg
+
+
+def _rewind(run: RunSeries, step: int) -> None:
+    """Drop the points of ``run`` at ``step`` and later."""
+    keep = sum(1 for s in run.steps if s < step)
+    del run.steps[keep:]
+    for values in run.metrics.values():
+        del values[keep:]
+    kept_val = sum(1 for s in run.val_steps if s < step)
+    del run.val_steps[kept_val:]
+    del run.val_loss[kept_val:]
+
+
 def _runs_from_events(
     events: Iterable[tuple[float, Any]],
 ) -> tuple[list[RunSeries], int]:
@@ -165,7 +190,7 @@ def _runs_from_events(
     open_runs: dict[str, RunSeries] = {}
     runs_per_store: dict[str, int] = {}
     n_events = 0
-    for timestamp, msg in events:
+    for timestamp, msg in _rows_of(events):
         if not isinstance(msg, Mapping) or "step" not in msg:
             continue
         try:
@@ -175,6 +200,10 @@ def _runs_from_events(
         n_events += 1
         store = str(msg.get("store", "?"))
         run = open_runs.get(store)
+        if run is not None and run.steps and run.steps[0] < step <= run.steps[-1]:
+            # A segment run again after a lost worker (or a resume from an
+            # earlier checkpoint) sends its steps again: rewind the series.
+            _rewind(run, step)
         if run is None or (run.steps and step <= run.steps[-1]):
             k = runs_per_store.get(store, 0) + 1
             runs_per_store[store] = k

@@ -1,0 +1,181 @@
+"""Minibatch steps and local-SGD rounds, run as segments of long-lived ranks.
+
+Each checkpoint interval is one *segment* (see :mod:`dasktrain.engine.rank`):
+the client plans it, submits one rank per worker thread and is then out of
+the step loop; the ranks exchange partials directly and all apply the same
+update.  Rows stream back for the progress bar and callbacks while the ranks
+train; at the segment's end the leader returns the state, which is
+validated (at an epoch end), taken by the run and committed.
+
+A segment ends at the epoch's end, after ``checkpoint_steps`` steps of the
+run, after ``checkpoint_seconds``, or when a callback sets
+``trainer.stop_training``.  A lost rank costs a rerun of the segment from its
+start state, to the same bits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dasktrain.engine.comm import ChannelTimeouts
+from dasktrain.engine.plan import default_n_streams, local_sgd_rounds, steps_per_epoch
+from dasktrain.engine.rank import SegmentSpec
+from dasktrain.engine.segments import SegmentResult, SegmentRunner
+from dasktrain.loops.base import FitLoop
+
+__all__ = ["MinibatchLoop", "resolve_n_streams"]
+
+
+def resolve_n_streams(
+    requested: int | None, batch_rows: int, stored: int | None, mid_epoch: bool
+) -> int:
+    """The streams of a run's plan: the user's choice, else the run's own in
+    the middle of an epoch, else :func:`default_n_streams`."""
+    if requested is not None:
+        return int(requested)
+    if mid_epoch and stored is not None:
+        return int(stored)
+    return default_n_streams(batch_rows)
+
+
+class MinibatchLoop(FitLoop):
+    """``fit(batch_rows=B)`` (synchronous minibatch steps over streams) and
+    ``fit(batch_rows=B, local_steps=K)`` (local-SGD rounds)."""
+
+    def __init__(self, *args: Any, segments: SegmentRunner, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.segments = segments
+        self.local = self.options.local_steps is not None
+        assert self.options.batch_rows is not None
+        self.batch_rows = int(self.options.batch_rows)
+        self.n_streams = int(self.run.n_streams or 1)
+        self.chunk_ids = tuple(int(c) for c in self.data.chunk_ids)
+        self.chunk_rows = tuple(int(self.data.chunk_n_rows(c)) for c in self.chunk_ids)
+        #: the last step reported to the callbacks (rows arrive live, and a
+        #: rerun segment sends rows again)
+        self.delivered = self.run.step
+
+    def steps_per_epoch(self) -> int:
+        return self._epoch_len(0)
+
+    def _epoch_len(self, epoch: int) -> int:
+        if not self.local:
+            return steps_per_epoch(sum(self.chunk_rows), self.batch_rows)
+        rows = dict(zip(self.chunk_ids, self.chunk_rows, strict=True))
+        assert self.options.local_steps is not None
+        return len(
+            local_sgd_rounds(
+                self.chunk_ids,
+                rows.__getitem__,
+                batch_rows=self.batch_rows,
+                local_steps=self.options.local_steps,
+                seed=self.seed,
+                epoch=epoch,
+            )
+        )
+
+    # -- the loop ------------------------------------------------------------------
+    def loop(self) -> None:
+        run = self.run
+        while run.epoch < self.options.epochs and not self.stop_training:
+            epoch_len = self._epoch_len(run.epoch)
+            if run.epoch_step >= epoch_len:
+                # An epoch whose steps are done but whose end was not (its
+                # validation failed): close it now.
+                self.close_epoch()
+                self.update_status()
+                self.commit()
+                continue
+            first = run.epoch_step
+            stop = epoch_len
+            every = self.options.checkpoint_steps
+            if every is not None:
+                stop = min(stop, first + every - run.step % every)
+            spec = SegmentSpec(
+                key="",
+                store=self.store_path,
+                kind="local" if self.local else "steps",
+                ref=self.data.ref,
+                model=self.model,
+                optimizer=self.optimizer,
+                chunk_ids=self.chunk_ids,
+                chunk_rows=self.chunk_rows,
+                addresses=(),
+                leaves=(),
+                seed=self.seed,
+                epoch=run.epoch,
+                first_step=first,
+                stop_step=stop,
+                run_step=run.step,
+                batch_rows=self.batch_rows,
+                n_streams=self.n_streams,
+                local_steps=self.options.local_steps,
+                time_budget=float(self.options.checkpoint_seconds),
+                nonfinite=self.options.on_nonfinite,
+                timeouts=ChannelTimeouts.from_config(),
+            )
+            # The segment: ranks on the workers, the client only watches
+            # (sync point: returns at the segment's end).
+            result = self.segments.run(
+                spec,
+                {"params": run.params, "opt_state": run.opt_state},
+                n_leaves=len(self.chunk_ids) if self.local else self.n_streams,
+                on_rows=self._live_rows,
+                stop_requested=lambda: self.stop_training,
+            )
+            self._apply(result, first, epoch_len)
+
+    def _live_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Rows of steps the ranks finished: callbacks and progress bar (the
+        history takes them at the segment's end)."""
+        for row in rows:
+            self._deliver(row)
+
+    def _apply(self, result: SegmentResult, first: int, epoch_len: int) -> None:
+        """The run takes the segment's steps (state, history, callbacks),
+        closes the epoch if the segment ended it, and commits."""
+        run = self.run
+        run.params, run.opt_state = result.params, result.opt_state
+        end_of_epoch = first + result.n_steps == epoch_len
+        for i, row in enumerate(result.rows):
+            run.step += 1
+            run.epoch_step += 1
+            run.history.append(row)
+            last = end_of_epoch and i == len(result.rows) - 1
+            if not last and result.interrupted is None:
+                self._deliver(row)
+        if end_of_epoch and result.interrupted is None:
+            self.close_epoch()
+        self.update_status()
+        # Checkpoint: every segment ends with one (also one that ended early
+        # on bad data or a divergence: the steps before are kept).
+        if run.step > self.committed_step:
+            self.commit()
+        if result.interrupted is not None:
+            raise result.interrupted
+        if result.error is not None:
+            raise result.error
+        if result.diverged is not None:
+            raise self.divergence(run.step + 1, result.diverged.split(": ", 1)[-1])
+
+    def _deliver(self, row: dict[str, Any], *, event: bool = False) -> None:
+        """``on_step_end`` for a row not yet reported (and a dashboard event
+        for a row the ranks did not send)."""
+        if int(row["step"]) > self.delivered:
+            self.delivered = int(row["step"])
+            self.log_row(row, event=event)
+
+    def close_epoch(self) -> None:
+        """The end of an epoch whose steps the run has: validate with the
+        final parameters (into the epoch's last row), epoch callbacks, then
+        the last row's ``on_step_end``.  If validation fails, the run keeps
+        its steps and the epoch stays open: a resumed fit closes it."""
+        run = self.run
+        row = run.history.rows[-1]
+        self.validate(row, run.params)
+        run.epoch += 1
+        run.epoch_step = 0
+        self.epoch_callbacks(row)
+        # The epoch's last row (with its validation metrics) was not sent by
+        # the ranks: the dashboard gets it from here.
+        self._deliver(row, event=True)
