@@ -248,8 +248,8 @@ def test_bad_fit_arguments(tmp_path: Path, client: Client) -> None:
                 batch_rows=batch_rows,  # type: ignore[arg-type]
                 progress=False,
             )
-    with pytest.raises(ValueError, match="checkpoint_every"):
-        trainer.fit(data, epochs=1, checkpoint_every=0, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_steps"):
+        trainer.fit(data, epochs=1, checkpoint_steps=0, progress=False)
     with pytest.raises(ValueError, match="on_nonfinite"):
         trainer.fit(data, epochs=1, on_nonfinite="ignore", progress=False)
     lbfgs = dt.Trainer(

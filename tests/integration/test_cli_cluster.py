@@ -26,7 +26,7 @@ import pytest
 from distributed import Client
 
 import dasktrain as dt
-from dasktrain.trainer import EVENT_TOPIC
+from dasktrain.engine.rank import EVENT_TOPIC
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -208,7 +208,7 @@ def sgd_reference(
         data,
         epochs=SGD_EPOCHS,
         batch_rows=BATCH_ROWS,
-        checkpoint_every=REFERENCE_EVERY,
+        checkpoint_steps=REFERENCE_EVERY,
         progress=False,
     )
     assert len(history) == SGD_STEPS
@@ -738,7 +738,7 @@ def test_all_workers_lost_at_once(
 #: The driver: a fork server that imports dasktrain once, then runs each job
 #: (one line of JSON on stdin) in a forked child process, which connects to
 #: the cluster, opens the dataset and calls ``Trainer(...).fit(...)`` with
-#: ``checkpoint_every=1``: every driver runs the same script on the same
+#: ``checkpoint_steps=1``: every driver runs the same script on the same
 #: store.  The server reports ``{"started": pid}`` and ``{"exited": pid,
 #: "code": ...}`` on stdout; a child logs to its job's log file.  A job may
 #: ask its child to SIGKILL itself at a point of its second commit, in the
@@ -815,7 +815,7 @@ def run(job):
             data,
             epochs=job["epochs"],
             batch_rows=job["batch_rows"],
-            checkpoint_every=1,
+            checkpoint_steps=1,
             progress=False,
         )
 
@@ -1265,7 +1265,7 @@ def test_lost_scheduler(
                     data,
                     epochs=SCHEDULER_EPOCHS,
                     batch_rows=BATCH_ROWS,
-                    checkpoint_every=1,
+                    checkpoint_steps=1,
                     callbacks=[clock],
                     progress=False,
                 )
@@ -1297,7 +1297,7 @@ def test_lost_scheduler(
             data,
             epochs=SCHEDULER_EPOCHS,
             batch_rows=BATCH_ROWS,
-            checkpoint_every=1,
+            checkpoint_steps=1,
             progress=False,
         )
         assert_same_run(resumed.params, history, sgd_reference, steps, "resumed")

@@ -118,7 +118,7 @@ def test_schedule_and_clipping_in_a_fit_and_a_resume(
     # 4 chunks in 2 slices each: 8 steps per epoch; a version per step.
     straight = trainer("straight.zarr")
     history = straight.fit(
-        data, epochs=2, batch_rows=500, checkpoint_every=1, progress=False
+        data, epochs=2, batch_rows=500, checkpoint_steps=1, progress=False
     )
     frame = history.to_pandas()
     n_steps = 16

@@ -29,7 +29,7 @@ DOCUMENTED = (DasktrainError, ValueError, TypeError)
 FIT_ARGS: dict[str, tuple[list[Any], list[Any]]] = {
     "epochs": ([1], [-1, 1.5, "2", None, True]),
     "batch_rows": ([None, 100], [0, -5, 2.5, "100", True]),
-    "checkpoint_every": ([None, 1], [0, -1, 1.5, "1"]),
+    "checkpoint_steps": ([None, 1], [0, -1, 1.5, "1"]),
     "checkpoint_seconds": ([60.0, 0, math.inf], [-1.0, math.nan, "60", None, True]),
     "on_nonfinite": (["raise", "skip"], ["ignore", None, 1]),
     "callbacks": ([(), []], [None, "cb", [object()], dt.callbacks.EarlyStopping()]),

@@ -180,6 +180,7 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(
             local_steps=LOCAL_STEPS,
             validation=val,
             callbacks=[StopAt(stop, Interrupted())],
+            checkpoint_steps=1,
             progress=False,
         )
     assert dt.ParamStore.open(path).committed == stop

@@ -352,7 +352,7 @@ def test_resume_from_s3_is_bit_identical_to_a_local_run(
     run_url = s3.url("runs/resumed.zarr")
     first = dt.Trainer(*_model(), store=run_url, client=s3_client)
     with pytest.raises(Interrupted):
-        first.fit(remote, callbacks=[StopAt(1)], checkpoint_every=1, **kwargs)
+        first.fit(remote, callbacks=[StopAt(1)], checkpoint_steps=1, **kwargs)
     first.close()
     assert ParamStore.open(run_url).committed == 1  # mid-epoch
 

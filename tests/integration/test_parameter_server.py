@@ -267,7 +267,7 @@ def test_untouched_shards_are_shared_not_copied(
         keep_versions=100,  # keep every version: a checkpoint at every step
     )
     trainer.fit(
-        rating_data, epochs=1, batch_rows=CHUNK_ROWS, progress=False, checkpoint_every=1
+        rating_data, epochs=1, batch_rows=CHUNK_ROWS, progress=False, checkpoint_steps=1
     )
     ps = dt.ParamStore.open(tmp_path / "s.zarr")
     hist = trainer.history.to_pandas()

@@ -147,7 +147,7 @@ def test_resume_after_an_error_mid_epoch(
             batch_rows=batch_rows,
             validation=val,
             callbacks=[StopAt(stop, Interrupted())],
-            checkpoint_every=1,
+            checkpoint_steps=1,
             progress=False,
         )
     store_ = dt.ParamStore.open(path)
@@ -170,8 +170,9 @@ def test_failed_validation_leaves_a_consistent_run(
     reference: dict[Any, Any],
 ) -> None:
     """Validation data that fails at the end of epoch 1: the store keeps the
-    steps before it, and a resumed run (with good validation data) gives the
-    uninterrupted run's parameters and history."""
+    epoch's steps with the epoch still open, and a resumed run (with good
+    validation data) closes it and gives the uninterrupted run's parameters
+    and history."""
     train, val = data
     X, y = classification_arrays(2_000)
     X[1_500, 3] = np.nan
@@ -184,8 +185,10 @@ def test_failed_validation_leaves_a_consistent_run(
     params, expected = reference["sgd", 2_000]
     per_epoch = len(expected) // EPOCHS
     ps = dt.ParamStore.open(path)
-    assert ps.committed == per_epoch - 1
-    assert len(ps.meta["history"]) == per_epoch - 1
+    assert ps.committed == per_epoch
+    assert len(ps.meta["history"]) == per_epoch
+    assert ps.meta["progress"]["epoch"] == 0
+    assert "val_loss" not in ps.meta["history"][-1]
     resumed = dt.Trainer.resume(path, client=client)
     history = resumed.fit(
         train, epochs=EPOCHS, batch_rows=2_000, validation=val, progress=False

@@ -21,7 +21,6 @@ import pandas as pd
 import pytest
 from distributed import Client
 from trainer_support import (
-    CHUNK_ROWS,
     N_FEATURES,
     assert_same_params,
     classification_arrays,
@@ -63,9 +62,7 @@ def _sklearn_objective(train: dt.Dataset, l2: float) -> float:
 def _steps_per_epoch(train: dt.Dataset, batch_rows: int | None) -> int:
     if batch_rows is None:
         return 1
-    if batch_rows >= CHUNK_ROWS:
-        return math.ceil(train.n_chunks / round(batch_rows / CHUNK_ROWS))
-    return sum(math.ceil(train.chunk_n_rows(c) / batch_rows) for c in train.chunk_ids)
+    return math.ceil(train.n_rows / batch_rows)
 
 
 @pytest.mark.parametrize(
