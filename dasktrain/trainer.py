@@ -362,7 +362,10 @@ class Trainer:
     def _commit(
         self, ps: ParamStore, run: Run, protect: set[int] | None = None
     ) -> None:
-        if run.tables:
+        if ps.committed == run.step:
+            # Same step, new state (an epoch closed without a new step).
+            ps.update_meta(self._meta(run))
+        elif run.tables:
             # The version of this step holds the tables already (see
             # loops.tables); add the dense arrays and make it the committed one.
             assert run.table_step == run.step

@@ -87,6 +87,7 @@ from dasktrain.partial import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BATCH_KEY",
     "EVENT_TOPIC",
     "FAILED_STEP_ATTRIBUTE",
     "KINDS",
@@ -108,6 +109,8 @@ ROW_FLUSH_SECONDS = 0.25
 #: and the one the client that runs the segment subscribes to.
 EVENT_TOPIC = "dasktrain"
 ROWS_TOPIC = "dasktrain-rows"
+#: The key of a batch of step rows in an event (distinct from a row's ``rows``).
+BATCH_KEY = "step_rows"
 
 
 @dataclass(frozen=True)
@@ -227,9 +230,14 @@ def _encode(nodes: Mapping[Node, Partial]) -> list[list[Any]]:
         grads = {}
         for k, g in p.grads.items():
             if isinstance(g, RowSparse):
-                raise TypeError(f"gradient {k!r} is row-sparse: ranks need dense grads")
-            g = np.asarray(g)
-            grads[k] = _lossless32(g)
+                # rows, values, shape: a table's gradient stays row-sparse
+                grads[k] = [
+                    np.asarray(g.rows, dtype=np.int64),
+                    _lossless32(np.asarray(g.values)),
+                    [int(n) for n in g.shape],
+                ]
+                continue
+            grads[k] = _lossless32(np.asarray(g))
         out.append(
             [
                 int(level),
@@ -253,10 +261,28 @@ def _wrap(payload: dict[str, Any]) -> dict[str, Any]:
     return {
         **payload,
         "nodes": [
-            [*node[:5], {k: to_serialize(a) for k, a in node[5].items()}]
+            [*node[:5], {k: _serialized(a, to_serialize) for k, a in node[5].items()}]
             for node in payload["nodes"]
         ],
     }
+
+
+def _serialized(grad: Any, to_serialize: Any) -> Any:
+    if isinstance(grad, list):
+        rows, values, shape = grad
+        return [to_serialize(rows), to_serialize(values), shape]
+    return to_serialize(grad)
+
+
+def _decoded(grad: Any) -> np.ndarray | RowSparse:
+    if isinstance(grad, (list, tuple)):
+        rows, values, shape = grad
+        return RowSparse(
+            np.asarray(rows, dtype=np.int64),
+            np.asarray(values, dtype=np.float64),
+            tuple(int(n) for n in shape),
+        )
+    return np.asarray(grad, dtype=np.float64)
 
 
 def _decode(nodes: Sequence[Sequence[Any]]) -> dict[Node, Partial]:
@@ -264,7 +290,7 @@ def _decode(nodes: Sequence[Sequence[Any]]) -> dict[Node, Partial]:
     for level, index, loss_sum, n_rows, metrics, grads in nodes:
         out[(int(level), int(index))] = Partial(
             float(loss_sum),
-            {k: np.asarray(g, dtype=np.float64) for k, g in grads.items()},
+            {k: _decoded(g) for k, g in grads.items()},
             int(n_rows),
             dict(metrics),
         )
@@ -450,7 +476,7 @@ class _Rows:
         try:
             self._worker.log_event(
                 [EVENT_TOPIC, ROWS_TOPIC],
-                {"store": self.spec.store, "segment": self.spec.key, "rows": batch},
+                {"store": self.spec.store, "segment": self.spec.key, BATCH_KEY: batch},
             )
         except Exception:
             logger.debug("could not log step rows", exc_info=True)

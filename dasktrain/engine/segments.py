@@ -52,6 +52,7 @@ from dasktrain.engine.comm import (
 from dasktrain.engine.engine import Engine, WorkerInfo
 from dasktrain.engine.plan import split_contiguous
 from dasktrain.engine.rank import (
+    BATCH_KEY,
     FAILED_STEP_ATTRIBUTE,
     ROWS_TOPIC,
     RankResult,
@@ -162,7 +163,7 @@ class _Rows:
         with self.lock:
             q = self.queues.get(str(msg.get("segment")))
             if q is not None:
-                q.extend(msg.get("rows", ()))
+                q.extend(msg.get(BATCH_KEY, ()))
 
     def open(self, key: str) -> None:
         with self.lock:

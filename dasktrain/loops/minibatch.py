@@ -84,7 +84,7 @@ class MinibatchLoop(FitLoop):
                 # validation failed): close it now.
                 self.close_epoch()
                 self.update_status()
-                self.commit()
+                self.commit()  # the same step: the store's meta only
                 continue
             first = run.epoch_step
             stop = epoch_len

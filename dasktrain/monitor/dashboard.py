@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dasktrain.engine.rank import EVENT_TOPIC
+from dasktrain.engine.rank import BATCH_KEY, EVENT_TOPIC
 
 logger = logging.getLogger(__name__)
 
@@ -160,12 +160,12 @@ def _short_name(store: str) -> str:
 
 def _rows_of(events: Iterable[tuple[float, Any]]) -> Iterable[tuple[float, Any]]:
     """One ``(timestamp, row)`` per step: events hold one row (logged by the
-    client) or a batch of them under ``"rows"`` (logged by a segment's
+    client) or a batch of them under ``"step_rows"`` (logged by a segment's
     leader)."""
     for timestamp, msg in events:
-        if isinstance(msg, Mapping) and isinstance(msg.get("rows"), list):
+        if isinstance(msg, Mapping) and isinstance(msg.get(BATCH_KEY), (list, tuple)):
             store = msg.get("store", "?")
-            for row in msg["rows"]:
+            for row in msg[BATCH_KEY]:
                 if isinstance(row, Mapping):
                     yield timestamp, {"store": store, **row}
         else:

@@ -1199,7 +1199,36 @@ class ParamStore:
                 )
                 await array.setitem(Ellipsis, data)
 
-    def _write_root(self, state: _RootState, key: str) -> None:
+    def update_meta(self, meta: Mapping[str, Any]) -> None:
+        """Replace the meta of the committed version (its arrays stay): for a
+        run whose state changed without a new step, e.g. an epoch closed by a
+        resumed fit.  Atomic like :meth:`commit` (one write of the root
+        attributes); needs the write lock.
+
+        Raises
+        ------
+        StoreError
+            Without the write lock, with nothing committed, or when writing
+            fails (the previous meta is then kept).
+        """
+        new_meta = decode_meta(encode_meta(meta))
+        self._require_lock("update the meta of")
+        current = _load_state(self._location)
+        if current.committed is None:
+            raise StoreError(
+                f"cannot update the meta of parameter store {self.path}: "
+                "nothing is committed"
+            )
+        new_state = _RootState(
+            committed=current.committed,
+            versions=current.versions,
+            keep_versions=current.keep_versions,
+            meta=new_meta,
+        )
+        self._write_root(new_state, None)
+        self._state = new_state
+
+    def _write_root(self, state: _RootState, key: str | None) -> None:
         try:
             root = zarr.open_group(
                 store=self._location.zarr_store(read_only=False),
@@ -1221,7 +1250,8 @@ class ParamStore:
                     exc,
                 )
                 return
-            self._discard(key)
+            if key is not None:
+                self._discard(key)
             raise StoreError(
                 f"cannot write the root attributes ({_ZARR_JSON}) of parameter "
                 f"store {self.path}: {exc}"

@@ -422,6 +422,21 @@ def test_commit_refused_without_lock_or_for_old_step(store_path: Path) -> None:
     assert _version_dirs(store_path) == ["5"]
 
 
+def test_update_meta_keeps_the_committed_arrays(store_path: Path) -> None:
+    store = ParamStore.create(store_path)
+    with pytest.raises(StoreError, match="write lock"):
+        store.update_meta({"a": 1})
+    with store.lock():
+        with pytest.raises(StoreError, match="nothing is committed"):
+            store.update_meta({"a": 1})
+        store.commit(3, _params(3), _opt(3), {"epoch": 0})
+        store.update_meta({"epoch": 1})
+    reopened = ParamStore.open(store_path)
+    assert reopened.committed == 3 and reopened.meta == {"epoch": 1}
+    _assert_version(reopened, 3)
+    assert _version_dirs(store_path) == ["3"]
+
+
 @pytest.mark.parametrize(
     ("params", "opt", "meta", "error", "pattern"),
     [
