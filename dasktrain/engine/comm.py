@@ -436,6 +436,7 @@ class RankChannel:
         self.box = state.open(seg)
         self.wait_seconds = 0.0
         self._last_alive = {r: time.monotonic() for r in self.peers}
+        self._last_active = dict(self._last_alive)
         self._liveness: Any = None
         self._liveness_at = time.monotonic()
 
@@ -466,6 +467,8 @@ class RankChannel:
         while got is None:
             got = self.box.take(keys, CHECK_SECONDS)
             if got is None:
+                # A rank whose client died waits for nobody.
+                self._check_liveness()
                 self._check_peers(
                     step, [src for (_, src) in self.box.missing(keys)], t0
                 )
@@ -517,7 +520,23 @@ class RankChannel:
                         address=address,
                         frozen=False,
                     )
-                self._last_alive[src] = now
+                if answer.get("active"):
+                    self._last_alive[src] = now
+                    self._last_active[src] = now
+                elif now - self._last_active[src] > self.timeouts.peer_timeout:
+                    # Its worker answers, but its rank never started (its
+                    # task queued behind other work) or is gone.
+                    raise PeerLostError(
+                        f"rank {src} at {address} has not started its part of "
+                        f"the segment {now - self._last_active[src]:.0f} s into "
+                        f"step {step} (dasktrain.ranks.peer-timeout is "
+                        f"{self.timeouts.peer_timeout:g} s)",
+                        peer=src,
+                        address=address,
+                        frozen=False,
+                    )
+                else:
+                    self._last_alive[src] = now
             elif now - self._last_alive[src] > self.timeouts.peer_timeout:
                 raise PeerLostError(
                     f"rank {src} at {address} did not answer for "

@@ -15,6 +15,7 @@ start state, to the same bits.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from dasktrain.engine.comm import ChannelTimeouts
@@ -110,7 +111,12 @@ class MinibatchLoop(FitLoop):
                 batch_rows=self.batch_rows,
                 n_streams=self.n_streams,
                 local_steps=self.options.local_steps,
-                time_budget=float(self.options.checkpoint_seconds),
+                # The time left to the next checkpoint by checkpoint_seconds.
+                time_budget=max(
+                    0.0,
+                    float(self.options.checkpoint_seconds)
+                    - (time.monotonic() - self.last_commit),
+                ),
                 nonfinite=self.options.on_nonfinite,
                 timeouts=ChannelTimeouts.from_config(),
             )
@@ -147,9 +153,15 @@ class MinibatchLoop(FitLoop):
         if end_of_epoch and result.interrupted is None:
             self.close_epoch()
         self.update_status()
-        # Checkpoint: every segment ends with one (also one that ended early
-        # on bad data or a divergence: the steps before are kept).
-        if run.step > self.committed_step:
+        # Checkpoint: when one is due (every ``checkpoint_steps``, after
+        # ``checkpoint_seconds``, at the end), and for a segment that ended
+        # early on bad data, a divergence or a stop: the steps before are kept.
+        ended_early = (
+            result.interrupted is not None
+            or result.error is not None
+            or result.diverged is not None
+        )
+        if run.step > self.committed_step and (ended_early or self.commit_due()):
             self.commit()
         if result.interrupted is not None:
             raise result.interrupted
