@@ -16,13 +16,16 @@ CLOSE_TIMEOUT = 60
 
 @contextlib.contextmanager
 def local_cluster(
-    n_workers: int = 2, *, memory_limit: str | int = "4GiB"
+    n_workers: int = 2,
+    *,
+    memory_limit: str | int = "4GiB",
+    threads_per_worker: int = 1,
 ) -> Iterator[Client]:
     """A LocalCluster of worker *processes* (real serialization, real
     scheduling) and a client connected to it."""
     cluster = LocalCluster(
         n_workers=n_workers,
-        threads_per_worker=1,
+        threads_per_worker=threads_per_worker,
         processes=True,
         host="127.0.0.1",
         dashboard_address=":0",

@@ -138,9 +138,21 @@ class ChannelTimeouts:
         """The limits of the Dask config of the calling process (the client:
         they travel with the segment's spec), e.g.
         ``dask.config.set({"dasktrain.ranks.peer-timeout": 10})``."""
+        from dask.utils import parse_timedelta
+
+        def seconds(key: str, default: float) -> float:
+            value = dask.config.get(key, default)
+            parsed = parse_timedelta(value, default="seconds")
+            if parsed is None or not parsed > 0:
+                raise ValueError(
+                    f"dask config {key!r} must be a positive duration "
+                    f"(seconds or e.g. '30s'), got {value!r}"
+                )
+            return float(parsed)
+
         return cls(
-            float(dask.config.get(PEER_TIMEOUT_KEY, DEFAULT_PEER_TIMEOUT_SECONDS)),
-            float(dask.config.get(STEP_TIMEOUT_KEY, DEFAULT_STEP_TIMEOUT_SECONDS)),
+            seconds(PEER_TIMEOUT_KEY, DEFAULT_PEER_TIMEOUT_SECONDS),
+            seconds(STEP_TIMEOUT_KEY, DEFAULT_STEP_TIMEOUT_SECONDS),
         )
 
 

@@ -227,7 +227,7 @@ def _lossless32(a: np.ndarray) -> np.ndarray:
 def _encode(nodes: Mapping[Node, Partial]) -> list[list[Any]]:
     out = []
     for (level, index), p in nodes.items():
-        grads = {}
+        grads: dict[str, Any] = {}
         for k, g in p.grads.items():
             if isinstance(g, RowSparse):
                 # rows, values, shape: a table's gradient stays row-sparse

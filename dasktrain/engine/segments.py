@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +89,8 @@ INTERRUPT_GRACE_SECONDS = 30.0
 CONTROL_TIMEOUT_SECONDS = 2.0
 #: Pause before running a segment again (times the attempt number).
 RERUN_PAUSE_SECONDS = 0.5
+#: A worker found frozen is pinged again (to rejoin) at most this often.
+SUSPECT_RECHECK_SECONDS = 5.0
 #: Exceptions that mean "a rank was lost": the segment is run again.
 LOST_RANK_ERRORS: tuple[type[BaseException], ...] = (
     SegmentAborted,
@@ -208,7 +210,10 @@ class SegmentRunner:
         self.client.register_plugin(RankPlugin())
         self._rows = _router(self.client)
         #: workers that froze in a segment: not used until they answer again
-        self._suspects: set[str] = set()
+        #: why segments were run again (one entry per rerun), oldest first
+        self.reruns: list[str] = []
+        #: workers found frozen -> when they were last asked
+        self._suspects: dict[str, float] = {}
 
     # -- public --------------------------------------------------------------------
     def run(
@@ -242,6 +247,7 @@ class SegmentRunner:
                 result = self._attempt(spec, start, on_rows, stop_requested)
             except LOST_RANK_ERRORS as exc:
                 last_error = exc
+                self.reruns.append(f"{type(exc).__name__}: {exc}")
                 if self.client.status != "running" or attempt == SEGMENT_ATTEMPTS:
                     break
                 logger.warning(
@@ -289,6 +295,8 @@ class SegmentRunner:
         ]
         stop_sent = False
         checked_at = time.monotonic()
+        #: when each rank's worker last answered the client
+        answered = dict.fromkeys(spec.addresses, checked_at)
         #: a callback's error or Ctrl-C: the leader is asked to end the
         #: segment, whose steps are kept, then it is raised
         interrupted: BaseException | None = None
@@ -336,8 +344,8 @@ class SegmentRunner:
                 now = time.monotonic()
                 if now - checked_at >= WORKER_CHECK_SECONDS:
                     checked_at = now
-                    self._check_workers(spec, futures)
-            results = self._gather(spec, futures)
+                    self._check_workers(spec, futures, answered)
+            results = self._gather(spec, futures, answered)
         except LOST_RANK_ERRORS:
             if interrupted is not None:
                 raise interrupted from None
@@ -348,11 +356,13 @@ class SegmentRunner:
         result.interrupted = interrupted
         return result
 
-    def _gather(self, spec: SegmentSpec, futures: list[Future]) -> list[RankResult]:
+    def _gather(
+        self, spec: SegmentSpec, futures: list[Future], answered: dict[str, float]
+    ) -> list[RankResult]:
         """The ranks' results (the leader's holds the state), bounded: a
-        worker that dies after its rank finished takes the result with it
-        (the task would wait for that worker forever: strict placement), and
-        the segment is run again."""
+        worker that dies (or freezes) after its rank finished takes the
+        result with it (the task would wait for that worker forever: strict
+        placement), and the segment is run again."""
         client = self.client
 
         async def fetch() -> list[RankResult]:
@@ -372,6 +382,7 @@ class SegmentRunner:
                 # that no result was lost meanwhile).
                 return list(client.sync(fetch))
             except TimeoutError:
+                self._check_answers(spec, futures, answered, done_too=True)
                 if time.monotonic() < deadline:
                     continue
                 exc: BaseException = TimeoutError(
@@ -425,7 +436,6 @@ class SegmentRunner:
         """A rank failed: abort the others; raise the data error of the first
         failing step and leaf if there is one (not run again), else a lost-rank
         error (run again)."""
-        self._abort(spec, "a rank failed", futures)
         errors: list[BaseException] = []
         for f in futures:
             if f.status == "error":
@@ -436,6 +446,11 @@ class SegmentRunner:
                     continue
                 if exc is not None:
                     errors.append(exc)
+        # Workers that a rank found frozen: not waited for (see _abort).
+        frozen = {
+            e.address for e in errors if isinstance(e, PeerLostError) and e.frozen
+        }
+        self._abort(spec, "a rank failed", futures, frozen=frozen)
         fatal = [e for e in errors if not isinstance(e, LOST_RANK_ERRORS)]
         if fatal:
             first = min(
@@ -446,9 +461,6 @@ class SegmentRunner:
                 ),
             )
             raise first
-        for e in errors:
-            if isinstance(e, PeerLostError) and e.frozen:
-                self._suspects.add(e.address)
         lost = next((e for e in errors if isinstance(e, PeerLostError)), None)
         if lost is not None:
             raise lost
@@ -456,13 +468,31 @@ class SegmentRunner:
             raise errors[0]
         raise SegmentAborted(f"ranks of segment {spec.key} were cancelled")
 
-    def _abort(self, spec: SegmentSpec, reason: str, futures: list[Future]) -> None:
+    def _abort(
+        self,
+        spec: SegmentSpec,
+        reason: str,
+        futures: list[Future],
+        *,
+        frozen: Collection[str] = (),
+    ) -> None:
         """Tell every rank's worker to abort the segment; wait (bounded) for
-        the ranks to end; cancel those that do not (a frozen worker)."""
-        for address in set(spec.addresses):
+        the ranks to end; cancel those that do not (a frozen worker).  The
+        ranks on ``frozen`` workers (found frozen by their peers) are
+        cancelled at once and their workers left out until they answer."""
+        for address in frozen:
+            self._suspect(address)
+        for address in set(spec.addresses) - set(frozen):
             self._control(address, ABORT_OP, seg=spec.key, reason=reason)
+        on_frozen = [
+            f
+            for f, address in zip(futures, spec.addresses, strict=True)
+            if address in frozen and not f.done()
+        ]
+        if on_frozen:
+            self.client.cancel(on_frozen)
         deadline = time.monotonic() + ABORT_GRACE_SECONDS
-        pending = [f for f in futures if not f.done()]
+        pending = [f for f in futures if not f.done() and f not in on_frozen]
         while pending and time.monotonic() < deadline:
             # Sync point: wait (bounded) for aborted ranks.
             with contextlib.suppress(TimeoutError):
@@ -471,34 +501,84 @@ class SegmentRunner:
         if pending:
             for f, address in zip(futures, spec.addresses, strict=True):
                 if not f.done():
-                    self._suspects.add(address)
+                    self._suspect(address)
             self.client.cancel(pending)
 
-    def _check_workers(self, spec: SegmentSpec, futures: list[Future]) -> None:
+    def _suspect(self, address: str) -> None:
+        """Leave ``address`` out of segments until it answers a ping (asked
+        at most every :data:`SUSPECT_RECHECK_SECONDS`)."""
+        self._suspects[address] = time.monotonic()
+
+    def _check_workers(
+        self, spec: SegmentSpec, futures: list[Future], answered: dict[str, float]
+    ) -> None:
         """Abort the segment if a rank's worker left the cluster (its task
-        would never finish: strict placement)."""
+        would never finish: strict placement) or has not answered the client
+        for ``dasktrain.ranks.peer-timeout`` (frozen: a lone rank has no
+        peer to notice)."""
         running = {w.address for w in self.engine.workers(refresh=True)}
         gone = [a for a in spec.addresses if a not in running]
         if gone:
             self._abort(spec, f"worker {gone[0]} left the cluster", futures)
             raise SegmentAborted(f"worker {gone[0]} of a rank left the cluster")
+        self._check_answers(spec, futures, answered)
+
+    def _check_answers(
+        self,
+        spec: SegmentSpec,
+        futures: list[Future],
+        answered: dict[str, float],
+        *,
+        done_too: bool = False,
+    ) -> None:
+        """Ping the workers of running ranks (``done_too``: of all ranks, whose
+        results are still to be fetched); a worker silent for the peer timeout
+        is frozen: abort the segment."""
+        for r, (f, address) in enumerate(zip(futures, spec.addresses, strict=True)):
+            if f.done() and not done_too:
+                continue
+            now = time.monotonic()
+            if self._control(address, PING_OP) is not None:
+                answered[address] = time.monotonic()
+            elif now - answered[address] > spec.timeouts.peer_timeout:
+                self._abort(spec, f"worker {address} froze", futures, frozen={address})
+                raise PeerLostError(
+                    f"rank {r} at {address}: its worker did not answer the "
+                    f"client for {now - answered[address]:.0f} s "
+                    f"(frozen or hung; dasktrain.ranks.peer-timeout is "
+                    f"{spec.timeouts.peer_timeout:g} s)",
+                    peer=r,
+                    address=address,
+                    frozen=True,
+                )
 
     def _usable_workers(self) -> list[WorkerInfo]:
         """Running workers, less those that froze in a segment and have not
-        answered since (a frozen worker answers again once it is resumed)."""
+        answered since (a frozen worker answers again once it is resumed).
+        If every worker is such a suspect, those that answer now; if none
+        does, all of them (the segment's own checks then tell)."""
         workers = self.engine.workers(refresh=True)
-        if self._suspects:
-            running = {w.address for w in workers}
-            for address in list(self._suspects):
-                if (
-                    address not in running
-                    or self._control(address, PING_OP) is not None
-                ):
-                    self._suspects.discard(address)
-            usable = [w for w in workers if w.address not in self._suspects]
-            if usable:
-                return usable
-        return workers
+        if not self._suspects:
+            return workers
+        running = {w.address for w in workers}
+        now = time.monotonic()
+        for address, since in list(self._suspects.items()):
+            if address not in running:
+                del self._suspects[address]
+            elif now - since >= SUSPECT_RECHECK_SECONDS:
+                self._recheck(address)
+        usable = [w for w in workers if w.address not in self._suspects]
+        if usable:
+            return usable
+        for address in list(self._suspects):
+            self._recheck(address)
+        return [w for w in workers if w.address not in self._suspects] or workers
+
+    def _recheck(self, address: str) -> None:
+        if self._control(address, PING_OP) is not None:
+            del self._suspects[address]
+        else:
+            self._suspects[address] = time.monotonic()
 
     def _control(self, address: str, op: str, **msg: Any) -> Any:
         """One message from the client to a worker, bounded by

@@ -86,17 +86,23 @@ def test_same_bits_on_one_two_and_three_workers(
     # 6 chunks (the last one short): an odd tree, uneven placement.
     binary = classification_store(tmp_path / "binary.zarr", 5_300)
     classes = classification_store(tmp_path / "classes.zarr", 5_500, n_classes=3)
-    runs = {}
+    runs: dict[str, Any] = {}
     for n_workers in (1, 3, 2):
         c = client if n_workers == 2 else make_client(n_workers)
         assert len(c.nthreads()) == n_workers
-        runs[n_workers] = _run_all(c, tmp_path / f"w{n_workers}", binary, classes)
+        runs[f"{n_workers}x1"] = _run_all(
+            c, tmp_path / f"w{n_workers}", binary, classes
+        )
+    # One worker with two threads: two ranks in one process.
+    c = make_client(1, threads_per_worker=2)
+    assert list(c.nthreads().values()) == [2]
+    runs["1x2"] = _run_all(c, tmp_path / "w1x2", binary, classes)
     for name in CASES:
-        params, history = runs[2][name]
+        params, history = runs["2x1"][name]
         assert len(history) > 1, name
-        for n_workers in (1, 3):
-            other_params, other_history = runs[n_workers][name]
-            what = f"{name}: {n_workers} vs 2 workers"
+        for layout in ("1x1", "3x1", "1x2"):
+            other_params, other_history = runs[layout][name]
+            what = f"{name}: {layout} vs 2x1 workers x threads"
             assert_same_params(other_params, params, what)
             assert losses(other_history) == losses(history), what
             assert [r["grad_norm"] for r in other_history] == [

@@ -116,6 +116,11 @@ FIT_BOUND = 200.0
 #: takes seconds, more on a loaded machine; a fit running this long is hung).
 ALL_LOST_BOUND = 60.0
 STOP_TIMEOUT = 15.0
+#: A SIGSTOPped worker: the peers of its rank give up on it after
+#: ``FREEZE_PEER_TIMEOUT`` s (``dasktrain.ranks.peer-timeout``); it is
+#: SIGCONTed ``THAW_SECONDS`` after it was stopped.
+FREEZE_PEER_TIMEOUT = 3.0
+THAW_SECONDS = 8.0
 LOG_TAIL_CHARS = 3_000
 
 #: Faults injected in this module, by kind (printed at the end).
@@ -331,6 +336,8 @@ class WorkerFaults:
         for fault, event in zip(faults, self.done, strict=True):
             self.clock.gate(fault.step + GATE_LAG, event)
         self.killed: list[tuple[str, int]] = []
+        self.frozen: list[tuple[str, int]] = []
+        self._timers: list[threading.Timer] = []
         self.injected: list[str] = []
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="faults", daemon=True)
@@ -342,6 +349,8 @@ class WorkerFaults:
     def __exit__(self, *exc: object) -> None:
         self.clock.finish()
         self._thread.join(GATE_TIMEOUT)
+        for _, pid in self.frozen:
+            self._thaw(pid)
         self.watch.close()
 
     def _run(self) -> None:
@@ -396,6 +405,28 @@ class WorkerFaults:
             assert time.monotonic() < deadline, "a killed worker was not replaced"
             time.sleep(0.05)
         return live
+
+    def _freeze(self, fault: Fault) -> None:
+        """SIGSTOP a worker (it stays listed by the scheduler, its sockets
+        open), and SIGCONT it ``THAW_SECONDS`` later.  The workers frozen
+        before are thawed first, and a worker not frozen yet is chosen."""
+        for timer in self._timers:
+            timer.join(THAW_SECONDS * 2)
+        live = self.whole_cluster()
+        before = {n for n, _ in self.frozen}
+        names = sorted(n for n in live if n not in before) or sorted(live)
+        name = names[int(fault.pick * len(names))]
+        pid = self.watch.run(os.getpid, workers=[live[name]])[live[name]]
+        os.kill(pid, signal.SIGSTOP)
+        self.frozen.append((name, pid))
+        timer = threading.Timer(THAW_SECONDS, self._thaw, args=(pid,))
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
+
+    def _thaw(self, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
     def _lose(self, fault: Fault) -> None:
         # The worker started last is the one scale() removes: kill it, then
@@ -531,6 +562,7 @@ def fit_under_faults(
 
         outcome = run_bounded(fit, bound, on_hang)
     FAULTS["worker SIGKILL"] += len(injector.killed)
+    FAULTS["worker SIGSTOP"] += len(injector.frozen)
     if outcome.hung:
         raise FitDidNotSurvive(
             f"the fit hung: still running {bound:.0f} s after it started, at step "
@@ -596,6 +628,35 @@ def test_worker_lost_for_good(
     # The lost worker never came back (give its nanny the time to try).
     time.sleep(1.0)
     assert injector.killed[-1][0] not in settle(client, 1)
+
+
+def test_frozen_workers_are_given_up_and_their_segments_rerun(
+    tmp_path: Path,
+    make_client: Callable[..., Client],
+    data: dt.Dataset,
+    sgd_reference: Reference,
+) -> None:
+    """Workers SIGSTOPped mid-segment (alive to the scheduler and the OS, but
+    answering nothing): the other ranks give up on them after the peer
+    timeout, the segment runs again on the workers that answer, the frozen
+    ones rejoin once SIGCONTed, and the run keeps the reference's bits."""
+    client = make_client(2)
+    steps = SHORT_EPOCHS * STEPS_PER_EPOCH
+    faults = plan_faults(105, ["freeze", "freeze"], 4, steps - GATE_LAG - 10)
+    with dask.config.set({"dasktrain.ranks.peer-timeout": FREEZE_PEER_TIMEOUT}):
+        trainer, history, injector = fit_under_faults(
+            client, faults, tmp_path / "run.zarr", data, SHORT_EPOCHS
+        )
+    assert len(injector.frozen) == 2
+    assert_same_run(trainer.params, history, sgd_reference, steps, "frozen")
+    assert trainer._segments is not None
+    reruns = trainer._segments.reruns
+    assert len(reruns) >= 2, reruns
+    assert all("did not answer" in m for m in reruns), reruns
+    # Both workers are back (none was restarted: the same processes).
+    time.sleep(THAW_SECONDS)
+    pids = set(client.run(os.getpid).values())
+    assert {pid for _, pid in injector.frozen} <= pids
 
 
 # The parameter-server path: a matrix factorization with sharded tables.
