@@ -30,6 +30,11 @@ from dasktrain.engine.cache import DEFAULT_CACHE_FRACTION, worker_cache
 from dasktrain.engine.cluster import ClientHandle, get_client
 from dasktrain.engine.engine import Engine, PassResult
 from dasktrain.engine.plan import Piece, epoch_steps, full_pass, local_sgd_rounds
+from dasktrain.engine.second_order import (
+    SecondOrderEngine,
+    local_value,
+    point_value,
+)
 from dasktrain.engine.sharded import (
     ShardedEngine,
     ShardedPassResult,
@@ -52,6 +57,7 @@ from dasktrain.errors import (
 )
 from dasktrain.history import History
 from dasktrain.models.base import Model, model_from_config
+from dasktrain.models.glm import penalty_vectors, supports_second_order
 from dasktrain.models.sparse import SparseModel
 from dasktrain.optim import (
     LBFGS,
@@ -62,6 +68,7 @@ from dasktrain.optim import (
     optimizer_from_config,
 )
 from dasktrain.optim.lbfgs import OrthantSearch, WolfeLineSearch, pseudo_gradient
+from dasktrain.optim.newton import Newton, NewtonRun, PointValue
 from dasktrain.params import ParamStore
 from dasktrain.params.tables import (
     PARAM,
@@ -171,6 +178,13 @@ class Trainer:
             raise TypeError(
                 "optimizer must be a dasktrain optimizer, "
                 f"got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, Newton) and not supports_second_order(model):
+            raise ValueError(
+                f"Newton needs a linear model or GLM with a Hessian "
+                f"(LinearRegression, LogisticRegression, SoftmaxRegression, "
+                f"PoissonRegression, GammaRegression), not {type(model).__name__}; "
+                f"use LBFGS or a first-order optimizer"
             )
         if (
             isinstance(keep_versions, bool)
@@ -698,6 +712,18 @@ class Trainer:
                     epochs,
                     batch_rows,
                     local_steps,
+                    validation,
+                    all_callbacks,
+                    checkpoint_every,
+                    checkpoint_seconds,
+                    on_nonfinite,
+                )
+            elif isinstance(self.optimizer, Newton):
+                self._fit_newton(
+                    ps,
+                    run,
+                    data,
+                    epochs,
                     validation,
                     all_callbacks,
                     checkpoint_every,
@@ -1462,6 +1488,134 @@ class Trainer:
             # On an error or Ctrl-C, keep the iterations since the last commit.
             if run.step > committed_step:
                 self._commit(ps, run)
+
+    def _fit_newton(
+        self,
+        ps: ParamStore,
+        run: _Run,
+        data: Dataset,
+        epochs: int,
+        validation: Dataset | None,
+        callbacks: Sequence[Callback],
+        checkpoint_every: int | None,
+        checkpoint_seconds: float,
+        on_nonfinite: str,
+    ) -> None:
+        """Newton: each iteration (an "epoch" of the run) is a damped Newton
+        step from the gradient and Hessian of a full pass, checked by a
+        line search whose rounds are passes too; the first pass of a run
+        may solve every chunk locally (the one-pass start).  The pure logic
+        is :class:`~dasktrain.optim.newton.NewtonRun`; here are the passes,
+        rows and commits.  Its state holds the objective, gradient, Hessian
+        and next direction at the committed point, so a resumed run
+        continues with the same bits."""
+        opt = self.optimizer
+        assert isinstance(opt, Newton)
+        engine = SecondOrderEngine(self._engine)
+        pieces = full_pass(data.chunk_ids, data.chunk_n_rows)
+        like = run.params
+        l2, l1 = penalty_vectors(self.model, data.schema.n_features)
+        machine = NewtonRun(opt, run.opt_state, flatten(run.params), l2, l1)
+        last_commit = time.monotonic()
+        committed_step = run.step
+        t0 = time.perf_counter()
+        rows_read = 0
+        try:
+            while run.epoch < epochs and not self.stop_training:
+                request = machine.request()
+                if request is None:
+                    run.status = "converged"
+                    break
+                # One full pass on the cluster for all points (sync point).
+                results = engine.run_pass(
+                    data.ref,
+                    self.model,
+                    request.points,
+                    pieces,
+                    placement_chunks=data.chunk_ids,
+                    hessian_index=request.hessian_index,
+                    hessian_rows=opt.hessian_rows,
+                    local_iterations=opt.local_iterations if request.local else None,
+                    nonfinite=on_nonfinite,
+                )
+                rows_read += results[0].partial.n_rows
+                if request.local:
+                    self._check_newton_start(results[0].partial, like, run.step + 1)
+                    machine.observe(local_value(results[0].partial))
+                    continue
+                if not machine.started:
+                    self._check_newton_start(results[0].partial, like, run.step + 1)
+                values: list[PointValue] = [point_value(r.partial) for r in results]
+                step = machine.observe(values)
+                if step is None:
+                    continue
+                res = results[step.point_index]
+                new_params = unflatten(step.x, like)
+                seconds = time.perf_counter() - t0
+                row = {
+                    "step": run.step + 1,
+                    "epoch": run.epoch + 1,
+                    "loss": step.loss,
+                    "objective": step.objective,
+                    "grad_norm": step.grad_norm,
+                    "learning_rate": step.alpha,
+                    "rows": rows_read,
+                    "rows_per_s": rows_read / seconds if seconds > 0 else math.nan,
+                    "seconds": seconds,
+                    "evals": step.evals,
+                    "passes": step.passes,
+                    "damping": step.damping,
+                    **{
+                        f"train_{k}": v
+                        for k, v in self.model.summarize(res.partial).items()
+                        if k != "loss"
+                    },
+                    "cache_hit_rate": _hit_rate(res),
+                }
+                # Validate before the run moves on (see _fit_steps).
+                self._validate(row, new_params, validation, on_nonfinite)
+                run.params = new_params
+                run.opt_state = machine.state()
+                run.step += 1
+                run.epoch += 1
+                try:
+                    self._epoch_callbacks(run, row, callbacks)
+                finally:
+                    run.history.append(row)
+                self._log_row(row, callbacks)
+                if machine.done:
+                    run.status = "converged"
+                elif run.epoch >= epochs:
+                    run.status = "finished"
+                elif self.stop_training:
+                    run.status = "stopped"
+                if self._commit_due(
+                    run, checkpoint_every, checkpoint_seconds, last_commit
+                ):
+                    self._commit(ps, run)
+                    committed_step, last_commit = run.step, time.monotonic()
+                if run.status == "converged":
+                    break
+                t0 = time.perf_counter()
+                rows_read = 0
+        finally:
+            # On an error or Ctrl-C, keep the iterations since the last commit.
+            if run.step > committed_step:
+                self._commit(ps, run)
+
+    def _check_newton_start(
+        self, partial: Partial, like: Mapping[str, np.ndarray], step: int
+    ) -> None:
+        """The starting point of a Newton run must be finite (trial points
+        may not be: the line search shortens the step)."""
+        grads = unflatten(np.asarray(partial.grads["grad"]), like)
+        hessian = np.asarray(partial.grads["hessian"])
+        self._objective(Partial(partial.loss_sum, grads, partial.n_rows), like, step)
+        if not np.all(np.isfinite(hessian)):
+            raise DivergenceError(
+                f"step {step}: the Hessian is not finite at the starting point; "
+                f"the store {self.store_path!r} keeps the last good version"
+            )
 
     # -- sharded tables (the parameter-server path) ----------------------------
     def _start_sharded_run(
