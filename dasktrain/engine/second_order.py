@@ -15,9 +15,8 @@ Leaf partials, per point (packed with
     grads["grad"]     (P,)    sum of the data-loss gradients
     grads["hessian"]  (P, P)  sum of the data-loss Hessians (one point only)
 
-and of a local pass::
+and of a local pass (its ``loss_sum`` is at the starting point)::
 
-    grads["grad"], grads["hessian"]   at the starting point
     grads["model_hessian"]  (P, P)    sum of the chunks' H_c at their solutions
     grads["model_linear"]   (P,)      sum of H_c w_c - G_c
     metrics["model_constant"]         sum of L_c - G_c.w_c + w_c.H_c.w_c / 2
@@ -51,6 +50,8 @@ from dasktrain.models.glm import (
     second_order_terms_many,
 )
 from dasktrain.optim.newton import (
+    DEFAULT_LOCAL_ROWS,
+    LOCAL_MIN_ROWS_PER_COEF,
     LocalValue,
     PointValue,
     local_newton_solve,
@@ -62,7 +63,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "GRAD",
     "HESSIAN",
-    "LOCAL_MIN_ROWS_PER_COEF",
     "MODEL_CONSTANT",
     "MODEL_HESSIAN",
     "MODEL_LINEAR",
@@ -78,10 +78,6 @@ HESSIAN = "hessian"
 MODEL_HESSIAN = "model_hessian"
 MODEL_LINEAR = "model_linear"
 MODEL_CONSTANT = "model_constant"
-#: A chunk with fewer rows than this many per coefficient does not solve its
-#: own problem in the one-pass start (its solution would fit its rows'
-#: noise): its model is the ordinary Newton model at the starting point.
-LOCAL_MIN_ROWS_PER_COEF = 4
 
 
 def _terms_partial(terms: SecondOrderTerms) -> Partial:
@@ -97,46 +93,49 @@ def local_partial(
     batch: Mapping[str, np.ndarray],
     *,
     iterations: int,
+    first_rows: int,
     hessian_rows: int | None,
 ) -> Partial:
-    """The leaf of a local pass for one piece of data (pure NumPy): the
-    sums at ``start`` and the quadratic model of the piece's loss sum
-    around the end of its local Newton solve (see the module docs)."""
+    """The leaf of a local pass for one piece of data (pure NumPy): the loss
+    sum at ``start`` and the quadratic model of the piece's loss sum around
+    the end of its local Newton solve (see the module docs)."""
     X = batch["X"]
     n_rows = int(X.shape[0])
     l2, l1 = penalty_vectors(model, int(X.shape[1]))
     metrics: list[dict[str, float]] = []
 
     def evaluate(
-        x: np.ndarray, with_hessian: bool
-    ) -> tuple[float, np.ndarray, np.ndarray | None]:
+        x: np.ndarray, rows: int | None, with_grad: bool
+    ) -> tuple[float, np.ndarray | None, np.ndarray | None, int]:
+        if rows is None or rows >= n_rows:
+            part = batch
+        else:
+            stride = -(-n_rows // rows)
+            part = {k: v[::stride] for k, v in batch.items()}
         terms = second_order_terms(
             model,
             x,
-            batch,
-            with_hessian=with_hessian,
+            part,
+            with_grad=with_grad,
+            with_hessian=with_grad,
             hessian_rows=hessian_rows,
         )
         if not metrics:
-            metrics.append(terms.metrics)
-        return terms.loss_sum, terms.grad, terms.hessian
+            metrics.append(terms.metrics)  # at the start, on every row
+        grad = terms.grad if with_grad else None
+        return terms.loss_sum, grad, terms.hessian, terms.n_rows
 
     enough = n_rows >= LOCAL_MIN_ROWS_PER_COEF * start.size
     solve = local_newton_solve(
         evaluate,
         start,
-        n_rows,
         l2,
         l1,
         iterations=iterations if enough else 0,
+        first_rows=first_rows,
     )
     A, r, c0 = solve.model()
-    grads = {
-        GRAD: solve.start_grad,
-        HESSIAN: solve.start_hessian,
-        MODEL_HESSIAN: A,
-        MODEL_LINEAR: r,
-    }
+    grads = {MODEL_HESSIAN: A, MODEL_LINEAR: r}
     return Partial(solve.start_loss, grads, n_rows, {**metrics[0], MODEL_CONSTANT: c0})
 
 
@@ -150,6 +149,7 @@ def second_order_leaves(
     hessian_index: int | None,
     hessian_rows: int | None,
     local_iterations: int | None = None,
+    local_rows: int = DEFAULT_LOCAL_ROWS,
     nonfinite: str = "raise",
 ) -> tuple[dict[Node, Partial], TaskReport]:
     """A task of a second-order pass: for each leaf, the terms at every
@@ -167,6 +167,7 @@ def second_order_leaves(
                 np.asarray(points[0], dtype=np.float64),
                 batch,
                 iterations=local_iterations,
+                first_rows=local_rows,
                 hessian_rows=hessian_rows,
             )
         terms = second_order_terms_many(
@@ -201,7 +202,7 @@ def local_value(partial: Partial) -> LocalValue:
     n = partial.n_rows
     scale = 1.0 / n if n else float("nan")
     return LocalValue(
-        point_value(partial),
+        float(partial.loss_sum) * scale,
         np.asarray(partial.grads[MODEL_HESSIAN], dtype=np.float64) * scale,
         np.asarray(partial.grads[MODEL_LINEAR], dtype=np.float64) * scale,
         float(partial.metrics[MODEL_CONSTANT]) * scale,
@@ -226,6 +227,7 @@ class SecondOrderEngine:
         hessian_index: int | None = 0,
         hessian_rows: int | None = None,
         local_iterations: int | None = None,
+        local_rows: int = DEFAULT_LOCAL_ROWS,
         nonfinite: str = "raise",
     ) -> list[PassResult]:
         """One pass over ``pieces``: a result per point (its partial holds
@@ -241,6 +243,7 @@ class SecondOrderEngine:
             "hessian_index": hessian_index,
             "hessian_rows": hessian_rows,
             "local_iterations": local_iterations,
+            "local_rows": local_rows,
             "nonfinite": nonfinite,
         }
         # One pass on the cluster (sync point; see Engine.run_pass).

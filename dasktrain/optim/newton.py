@@ -41,16 +41,17 @@ of at most ``ftol``, or a predicted decrease :math:`\Delta` of at most
 ``ftol * max(1, |F|)`` (nothing left to gain at this precision).
 
 **One-pass start.**  With ``local_iterations = k > 0`` the first pass is a
-*local* pass: every piece of data (a chunk) runs ``k`` damped Newton steps
-on its own rows, from the starting point, minimizing its own mean loss plus
-the penalty (:func:`local_newton_solve`), and returns, besides the sums at
-the starting point, the quadratic model of its loss sum around where it
-ended, :math:`\tfrac12 w^\top H_c w - (H_c w_c - G_c)^\top w + const`.  The
-fixed tree sums these models; the first trial minimizes their sum plus the
-penalty.  Each chunk's solution lies near the optimum, so this lands close
-to it after one pass, like ADMM's or local SGD's first round, but the models
-weight each chunk by its curvature instead of averaging.  If that trial is
-not a decrease, the next one is the ordinary Newton step from the start.
+*local* pass: every piece of data (a chunk) runs ``k`` Newton steps on its
+own rows (on growing row subsets), from the starting point, minimizing its
+own mean loss plus the penalty (:func:`local_newton_solve`), and returns,
+besides the loss at the starting point, the quadratic model of its loss sum
+around where it ended, :math:`\tfrac12 w^\top H_c w - (H_c w_c -
+G_c)^\top w + const`.  The fixed tree sums these models; the first trial
+minimizes their sum plus the penalty.  Each chunk's solution lies near the
+optimum, so this lands close to it after one pass, like ADMM's or local
+SGD's first round, but the models weight each chunk by its curvature
+instead of averaging, and their gradients correct what the chunks did not
+solve.  If that trial is not a decrease, a plain first pass follows.
 
 :class:`NewtonRun` is the state machine a driver (the trainer, or
 :func:`minimize_newton` for a local function) feeds with pass results.
@@ -74,6 +75,7 @@ from dasktrain.optim.schedules import (
 )
 
 __all__ = [
+    "LOCAL_MIN_ROWS_PER_COEF",
     "MAX_HESSIAN_PARAMS",
     "LocalSolve",
     "LocalValue",
@@ -124,12 +126,19 @@ BACKTRACK_CANDIDATES = 3
 #: the scaled size of the solution).
 CD_MAX_SWEEPS = 500
 CD_TOL = 1e-12
-#: Local solves: backtracking halvings per local step.
+#: Local solves: backtracking halvings per local step; a piece with fewer
+#: rows than this many per coefficient does not solve its own problem (its
+#: solution would fit its rows' noise), and the row subsets of the local
+#: steps are never smaller.
 LOCAL_MAX_HALVINGS = 30
+LOCAL_MIN_ROWS_PER_COEF = 4
+#: Default rows of each piece used by the first local step (doubled for
+#: every further step).
+DEFAULT_LOCAL_ROWS = 1_024
 #: Default rows per piece for Hessians (an evenly strided subset, scaled).
-DEFAULT_HESSIAN_ROWS = 16_384
+DEFAULT_HESSIAN_ROWS = 4_096
 #: Default Newton steps per chunk in the one-pass start.
-DEFAULT_LOCAL_ITERATIONS = 3
+DEFAULT_LOCAL_ITERATIONS = 5
 #: Default: keep the Hessian for the next step when a step shrank the
 #: gradient by at least this factor.
 DEFAULT_KEEP_HESSIAN_BELOW = 0.1
@@ -301,11 +310,11 @@ class PointValue(NamedTuple):
 
 
 class LocalValue(NamedTuple):
-    """What a local pass gives: the value at the starting point (with its
-    Hessian) and the sum of the chunks' local quadratic models of the data
-    loss, as means over rows: ``w.A.w / 2 - r.w + c0``."""
+    """What a local pass gives: the mean data loss at the starting point and
+    the sum of the chunks' local quadratic models of the data loss, as means
+    over rows: ``w.A.w / 2 - r.w + c0``."""
 
-    start: PointValue
+    start_loss: float
     model_hessian: np.ndarray
     model_linear: np.ndarray
     model_constant: float
@@ -371,6 +380,9 @@ class Newton(Optimizer):
     local_iterations : int
         Newton steps each chunk takes on its own rows in the first pass;
         0 makes the first pass an ordinary one at the starting point.
+    local_rows : int
+        Rows of a chunk (an evenly strided subset) used by its first local
+        step; each further step doubles them.
     hessian_rows : int or None
         Rows per piece of data used for Hessians (an evenly strided subset,
         scaled to the piece's rows); ``None``: every row.
@@ -404,6 +416,7 @@ class Newton(Optimizer):
         ftol: float = DEFAULT_FTOL,
         max_line_search: int = 10,
         local_iterations: int = DEFAULT_LOCAL_ITERATIONS,
+        local_rows: int = DEFAULT_LOCAL_ROWS,
         hessian_rows: int | None = DEFAULT_HESSIAN_ROWS,
         keep_hessian_below: float = DEFAULT_KEEP_HESSIAN_BELOW,
         c1: float = 1e-4,
@@ -414,6 +427,7 @@ class Newton(Optimizer):
         self.local_iterations = _check_int(
             "local_iterations", local_iterations, minimum=0
         )
+        self.local_rows = _check_int("local_rows", local_rows, minimum=1)
         if hessian_rows is not None:
             hessian_rows = _check_int("hessian_rows", hessian_rows, minimum=1)
         self.hessian_rows = hessian_rows
@@ -434,6 +448,7 @@ class Newton(Optimizer):
             "ftol": self.ftol,
             "max_line_search": self.max_line_search,
             "local_iterations": self.local_iterations,
+            "local_rows": self.local_rows,
             "hessian_rows": self.hessian_rows,
             "keep_hessian_below": self.keep_hessian_below,
             "c1": self.c1,
@@ -572,6 +587,8 @@ class NewtonRun:
         self._evals = 0
         self._alphas: list[float] = []
         self._local_trial: tuple[np.ndarray, np.ndarray] | None = None
+        # The one-pass start was tried (and its trial was no decrease).
+        self._local_tried = False
         if self.started:
             self._check_done()
 
@@ -604,10 +621,11 @@ class NewtonRun:
         """The next pass to run (``None`` once :attr:`done`)."""
         if self.done:
             return None
-        if not self.started:
-            return PassRequest([self.x.copy()], 0, self.opt.local_iterations > 0)
         if self._local_trial is not None:
             return PassRequest([self._local_trial[0].copy()], None, False)
+        if not self.started:
+            local = self.opt.local_iterations > 0 and not self._local_tried
+            return PassRequest([self.x.copy()], 0, local)
         if self._round == 0:
             self._alphas = [1.0]
         else:
@@ -627,12 +645,13 @@ class NewtonRun:
         if self.done:
             raise RuntimeError("the Newton run is done")
         self._passes += 1
+        if self._local_trial is not None:
+            assert not isinstance(values, LocalValue)
+            return self._observe_local_trial(values)
         if not self.started:
             self._observe_start(values)
             return None
         assert not isinstance(values, LocalValue)
-        if self._local_trial is not None:
-            return self._observe_local_trial(values)
         return self._observe_search(values)
 
     def _objective_of(self, x: np.ndarray, value: PointValue) -> float:
@@ -642,23 +661,28 @@ class NewtonRun:
         return np.asarray(value.grad, dtype=np.float64) + self.l2 * x
 
     def _observe_start(self, values: LocalValue | Sequence[PointValue]) -> None:
-        start = values.start if isinstance(values, LocalValue) else values[0]
         self._evals += 1
+        self.damping = 0.0
+        if isinstance(values, LocalValue):
+            # Only the objective is known at the start; the gradient there is
+            # not needed unless the local models' trial fails (then a plain
+            # start pass measures it).
+            self._local_tried = True
+            self.f = float(values.start_loss) + self.penalty(self.x)
+            self.g = np.zeros_like(self.x)
+            trial = self._local_minimizer(values)
+            if trial is not None:
+                self._local_trial = trial
+            return
+        start = values[0]
         self.f = self._objective_of(self.x, start)
         self.g = self._smooth_grad(self.x, start)
         assert start.hessian is not None
         self.H = np.asarray(start.hessian, dtype=np.float64)
         self.started = True
-        self.damping = 0.0
         self._check_done()
-        if self.done:
-            return
-        if isinstance(values, LocalValue):
-            trial = self._local_minimizer(values)
-            if trial is not None:
-                self._local_trial = trial
-                return
-        self._plan_step()
+        if not self.done:
+            self._plan_step()
 
     def _local_minimizer(
         self, local: LocalValue
@@ -691,10 +715,10 @@ class NewtonRun:
         f_new = self._objective_of(w, value)
         if _finite(f_new, value) and f_new <= self.f - self.opt.c1 * self._decrease:
             # The local models' Hessian, from points near w, is the curvature
-            # at w: the next pass needs no Hessian if the step went well.
+            # at w: the next pass needs no Hessian.
+            self.started = True
             return self._accept(w, f_new, value, A, alpha=1.0, index=0)
         logger.info("Newton: the one-pass start was no decrease; plain start")
-        self._plan_step()
         return None
 
     def _observe_search(self, values: Sequence[PointValue]) -> NewtonStep | None:
@@ -805,20 +829,21 @@ class NewtonRun:
 
 
 # -- the local solve of the one-pass start ---------------------------------------------
-#: ``evaluate(x, with_hessian) -> (loss_sum, grad_sum, hessian_sum or None)``
-#: over a piece of data (sums over its rows; no penalty).
+#: ``evaluate(x, rows, with_grad) -> (loss_sum, grad_sum, hessian_sum,
+#: n_used)`` over an evenly strided subset of about ``rows`` rows of a piece
+#: of data (``None``: every row); gradient and Hessian (else ``None``) only
+#: ``with_grad``.  Sums over the rows used; no penalty.
 LocalEvaluate = Callable[
-    [np.ndarray, bool], tuple[float, np.ndarray, np.ndarray | None]
+    [np.ndarray, int | None, bool],
+    tuple[float, np.ndarray | None, np.ndarray | None, int],
 ]
 
 
 class LocalSolve(NamedTuple):
-    """The result of :func:`local_newton_solve`: the sums at the starting
-    point, and the point reached with the sums there (its quadratic model)."""
+    """The result of :func:`local_newton_solve`: the loss sum at the
+    starting point, and the point reached with the sums there."""
 
     start_loss: float
-    start_grad: np.ndarray
-    start_hessian: np.ndarray
     point: np.ndarray
     loss: float
     grad: np.ndarray
@@ -839,71 +864,71 @@ class LocalSolve(NamedTuple):
 def local_newton_solve(
     evaluate: LocalEvaluate,
     x0: np.ndarray,
-    n_rows: int,
     l2: np.ndarray,
     l1: np.ndarray,
     *,
     iterations: int,
+    first_rows: int,
 ) -> LocalSolve:
     r"""Up to ``iterations`` Newton steps on one piece's own objective
-    :math:`L_c(w) / n_c + \text{penalty}(w)`, from ``x0``.
+    (mean data loss plus penalty) from ``x0``, on growing row subsets.
 
-    Each step is a Newton (proximal, with L1) step with a backtracking
-    search on the local objective: a step is halved until it decreases it
-    (at most :data:`LOCAL_MAX_HALVINGS` times; then the solve stops where it
-    is).  Evaluations are sums over the piece (``evaluate``); a full step
-    that is accepted costs one evaluation with Hessian, a halving one
-    without.
+    Step ``i`` uses an evenly strided subset of ``first_rows * 2**i`` rows
+    (at least :data:`LOCAL_MIN_ROWS_PER_COEF` per coefficient; every row once
+    that is more than the piece has): the first steps, far from the
+    solution, need little precision, and the last ones refine it on more
+    rows.  Each is a Newton (proximal, with L1) step halved until it
+    decreases the subset's objective (at most :data:`LOCAL_MAX_HALVINGS`
+    times; then the solve stops).  The sums at the end use every row: they
+    are the piece's quadratic model (:meth:`LocalSolve.model`).
 
     Examples
     --------
     >>> import numpy as np
     >>> y = np.array([1.0, 2.0, 6.0])
-    >>> def evaluate(x, with_hessian):  # sum of (x - y_i)^2 / 2
+    >>> def evaluate(x, rows, with_grad):  # sum of (x - y_i)^2 / 2
     ...     loss = float(0.5 * ((x[0] - y) ** 2).sum())
-    ...     return loss, np.array([3 * x[0] - y.sum()]), 3 * np.eye(1)
-    >>> solve = local_newton_solve(evaluate, np.zeros(1), 3, np.zeros(1),
-    ...                            np.zeros(1), iterations=2)
-    >>> solve.point, solve.iterations
-    (array([3.]), 1)
+    ...     if not with_grad:
+    ...         return loss, None, None, 3
+    ...     return loss, np.array([3 * x[0] - y.sum()]), 3 * np.eye(1), 3
+    >>> solve = local_newton_solve(evaluate, np.zeros(1), np.zeros(1),
+    ...                            np.zeros(1), iterations=2, first_rows=2)
+    >>> solve.point, solve.start_loss
+    (array([3.]), 20.5)
     """
-    n = max(int(n_rows), 1)
     x = np.array(x0, dtype=np.float64)
     owl = bool(np.any(l1 > 0.0))
+    min_rows = LOCAL_MIN_ROWS_PER_COEF * x.size
 
-    def local_objective(point: np.ndarray, loss_sum: float) -> float:
-        value = loss_sum / n + 0.5 * float(l2 @ (point * point))
+    def objective(point: np.ndarray, loss_sum: float, n_used: int) -> float:
+        value = loss_sum / max(n_used, 1) + 0.5 * float(l2 @ (point * point))
         return value + float(l1 @ np.abs(point)) if owl else value
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        loss, grad, hess = evaluate(x, True)
-        assert hess is not None
-        start = (loss, grad, hess)
+        start_loss = evaluate(x, None, False)[0]
         done = 0
-        for _ in range(iterations):
-            f = local_objective(x, loss)
-            g = grad / n + l2 * x
-            p, decrease = newton_step(x, g, hess / n, l2, l1)
+        for i in range(iterations):
+            rows = max(first_rows << i, min_rows)
+            loss, grad, hess, n_used = evaluate(x, rows, True)
+            assert grad is not None and hess is not None
+            f = objective(x, loss, n_used)
+            g = grad / max(n_used, 1) + l2 * x
+            p, decrease = newton_step(x, g, hess / max(n_used, 1), l2, l1)
             if not (math.isfinite(decrease) and decrease > 0.0):
                 break
-            new = evaluate(x + p, True)
             alpha = 1.0
-            halvings = 0
-            while not local_objective(x + alpha * p, new[0]) < f:
-                halvings += 1
-                if halvings > LOCAL_MAX_HALVINGS:
+            for _ in range(LOCAL_MAX_HALVINGS):
+                trial = x + alpha * p
+                if objective(trial, evaluate(trial, rows, False)[0], n_used) < f:
                     break
                 alpha *= 0.5
-                new = evaluate(x + alpha * p, False)
-            if halvings > LOCAL_MAX_HALVINGS:
+            else:
                 break
             x = x + alpha * p
-            if new[2] is None:
-                new = evaluate(x, True)
-            loss, grad, hess = new
-            assert hess is not None
             done += 1
-    return LocalSolve(start[0], start[1], start[2], x, loss, grad, hess, done)
+        loss, grad, hess, _ = evaluate(x, None, True)
+    assert grad is not None and hess is not None
+    return LocalSolve(start_loss, x, loss, grad, hess, done)
 
 
 # -- the reference driver ----------------------------------------------------------

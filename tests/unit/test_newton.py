@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 import dasktrain as dt
 from dasktrain import models
 from dasktrain._tree import flatten
-from dasktrain.engine.second_order import LOCAL_MIN_ROWS_PER_COEF, local_partial
+from dasktrain.engine.second_order import local_partial
 from dasktrain.models.glm import (
     penalty_vectors,
     second_order_terms,
@@ -27,6 +27,7 @@ from dasktrain.models.glm import (
     terms_to_params,
 )
 from dasktrain.optim.newton import (
+    LOCAL_MIN_ROWS_PER_COEF,
     MAX_HESSIAN_PARAMS,
     LocalValue,
     Newton,
@@ -45,7 +46,7 @@ FD_ATOL = 1e-6
 #: float32 Hessians (BLAS in float32, float64 result) against float64 ones.
 FLOAT32_HESSIAN_RTOL = 1e-4
 #: Objectives reached by minimize_newton against the oracles (relative).
-OBJECTIVE_RTOL = 1e-9
+OBJECTIVE_RTOL = 1e-7
 SKLEARN_TOL = 1e-12
 
 N_ROWS = 240
@@ -284,39 +285,57 @@ def test_newton_step_solves_the_model_and_predicts_its_decrease() -> None:
 # -- the local solve of the one-pass start ------------------------------------------
 def test_local_solve_reaches_the_piece_optimum_and_models_it() -> None:
     model, batch, _ = _problem("logistic", seed=9)
+    big = {k: np.concatenate([v] * 8) for k, v in batch.items()}  # 1,920 rows
+    n = big["y"].shape[0]
     l2, l1 = penalty_vectors(model, N_FEATURES)
     x0 = np.zeros(N_FEATURES + 1)
+    used: list[int] = []
 
-    def evaluate(x: np.ndarray, h: bool) -> tuple[float, np.ndarray, Any]:
-        t = second_order_terms(model, x, batch, with_hessian=h)
-        return t.loss_sum, t.grad, t.hessian
+    def evaluate(x: np.ndarray, rows: int | None, g: bool) -> tuple[Any, ...]:
+        part = (
+            big if rows is None or rows >= n else {k: v[:rows] for k, v in big.items()}
+        )
+        t = second_order_terms(model, x, part, with_grad=g, with_hessian=g)
+        used.append(t.n_rows)
+        return t.loss_sum, t.grad if g else None, t.hessian, t.n_rows
 
-    solve = local_newton_solve(evaluate, x0, N_ROWS, l2, l1, iterations=8)
+    solve = local_newton_solve(evaluate, x0, l2, l1, iterations=6, first_rows=240)
     assert solve.iterations >= 3
-    # The piece's own objective is stationary there.
-    np.testing.assert_allclose(solve.grad / N_ROWS + l2 * solve.point, 0, atol=1e-8)
-    start = second_order_terms(model, x0, batch)
-    assert solve.start_loss == start.loss_sum
+    # Growing subsets (240, 480, 960 rows, then all), and the end on every row.
+    assert used[1:4] == [240, 240, 480] and used[-1] == n
+    # The last steps used every row: the piece's own objective is stationary.
+    np.testing.assert_allclose(solve.grad / n + l2 * solve.point, 0, atol=1e-8)
+    # Subsets never have fewer than 4 rows per coefficient.
+    used.clear()
+    local_newton_solve(evaluate, x0, l2, l1, iterations=1, first_rows=1)
+    assert used[1] == LOCAL_MIN_ROWS_PER_COEF * x0.size
+    assert solve.start_loss == second_order_terms(model, x0, big).loss_sum
     # The model reproduces value and gradient at the point it was taken.
     A, r, c0 = solve.model()
     w = solve.point
     assert 0.5 * w @ A @ w - r @ w + c0 == pytest.approx(solve.loss, rel=1e-12)
     np.testing.assert_allclose(A @ w - r, solve.grad, atol=1e-9)
     # With no iterations the model is the Newton model at the start.
-    none = local_newton_solve(evaluate, x0, N_ROWS, l2, l1, iterations=0)
+    none = local_newton_solve(evaluate, x0, l2, l1, iterations=0, first_rows=30)
     np.testing.assert_array_equal(none.point, x0)
-    assert none.hessian is not None
-    np.testing.assert_array_equal(none.model()[0], start.hessian)
+    np.testing.assert_array_equal(
+        none.model()[0], second_order_terms(model, x0, big).hessian
+    )
 
 
 def test_small_pieces_skip_their_local_solve() -> None:
     model, batch, _ = _problem("logistic", seed=10)
     x0 = np.zeros(N_FEATURES + 1)
+    start = second_order_terms(model, x0, batch).hessian
     few = {k: v[: LOCAL_MIN_ROWS_PER_COEF * x0.size - 1] for k, v in batch.items()}
-    part = local_partial(model, x0, few, iterations=3, hessian_rows=None)
-    np.testing.assert_array_equal(part.grads["model_hessian"], part.grads["hessian"])
-    enough = local_partial(model, x0, batch, iterations=3, hessian_rows=None)
-    assert not np.array_equal(enough.grads["model_hessian"], enough.grads["hessian"])
+    part = local_partial(model, x0, few, iterations=3, first_rows=64, hessian_rows=None)
+    np.testing.assert_array_equal(
+        part.grads["model_hessian"], second_order_terms(model, x0, few).hessian
+    )
+    enough = local_partial(
+        model, x0, batch, iterations=3, first_rows=64, hessian_rows=None
+    )
+    assert not np.array_equal(enough.grads["model_hessian"], start)
 
 
 # -- whole runs in RAM ----------------------------------------------------------------
@@ -338,11 +357,12 @@ def _chunked(
 
     def local(x: np.ndarray) -> LocalValue:
         parts = [
-            local_partial(model, x, p, iterations=3, hessian_rows=None) for p in pieces
+            local_partial(model, x, p, iterations=5, first_rows=64, hessian_rows=None)
+            for p in pieces
         ]
         g = {k: sum(p.grads[k] for p in parts) / n for k in parts[0].grads}
         return LocalValue(
-            PointValue(sum(p.loss_sum for p in parts) / n, g["grad"], g["hessian"]),
+            sum(p.loss_sum for p in parts) / n,
             g["model_hessian"],
             g["model_linear"],
             sum(p.metrics["model_constant"] for p in parts) / n,
@@ -415,6 +435,26 @@ def test_badly_scaled_logistic_matches_sklearn_newton_cholesky(
         "predicted decrease below ftol",
     )
     assert res.n_passes <= 12
+
+
+def test_one_pass_start_takes_two_passes_to_its_first_step() -> None:
+    """The local pass, then one pass at the combined models' minimizer
+    (without a Hessian: the models' own is used), which is accepted."""
+    X, y = _badly_scaled(8_000, 6, seed=18)
+    model = models.LogisticRegression(l2=1e-4)
+    fun, local = _chunked(model, X, y, 4)
+    l2, l1 = penalty_vectors(model, 6)
+    opt = Newton()
+    run = NewtonRun(opt, opt.init_state(7), np.zeros(7), l2, l1)
+    first = run.request()
+    assert first is not None and first.local
+    assert run.observe(local(first.points[0])) is None
+    trial = run.request()
+    assert trial is not None and not trial.local and trial.hessian_index is None
+    step = run.observe([PointValue(*fun(trial.points[0], False))])
+    assert step is not None and step.passes == 2 and step.alpha == 1.0
+    plain = minimize_newton(fun, np.zeros(7), optimizer=opt, max_iter=1, l2=l2, l1=l1)
+    assert step.objective < plain.f  # better than one plain Newton step
 
 
 def test_near_separable_data_without_penalty_stays_finite_and_decreases() -> None:
