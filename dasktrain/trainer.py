@@ -1536,14 +1536,21 @@ class Trainer:
                     hessian_index=request.hessian_index,
                     hessian_rows=opt.hessian_rows,
                     local_iterations=opt.local_iterations if request.local else None,
+                    local_rows=opt.local_rows,
                     nonfinite=on_nonfinite,
                 )
                 rows_read += results[0].partial.n_rows
                 if request.local:
-                    self._check_newton_start(results[0].partial, like, run.step + 1)
-                    machine.observe(local_value(results[0].partial))
+                    start = local_value(results[0].partial)
+                    if not math.isfinite(start.start_loss):
+                        raise DivergenceError(
+                            f"step {run.step + 1}: the loss is {start.start_loss} "
+                            f"at the starting point; the store {self.store_path!r} "
+                            f"keeps the last good version"
+                        )
+                    machine.observe(start)
                     continue
-                if not machine.started:
+                if request.hessian_index is not None and not machine.started:
                     self._check_newton_start(results[0].partial, like, run.step + 1)
                 values: list[PointValue] = [point_value(r.partial) for r in results]
                 step = machine.observe(values)
