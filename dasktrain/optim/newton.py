@@ -36,7 +36,8 @@ l2 \odot x` and a data Hessian :math:`H`):
    good enough and the next pass costs a gradient only).
 
 Convergence: :math:`\max_j |pg_j| \le \mathrm{tol} \max(1, |F|)` with the
-pseudo-gradient :math:`pg` (the gradient without L1), a relative decrease
+pseudo-gradient :math:`pg` (:func:`~dasktrain.optim.lbfgs.pseudo_gradient`:
+the gradient plus the one-sided derivative of the L1 term), a relative decrease
 of at most ``ftol``, or a predicted decrease :math:`\Delta` of at most
 ``ftol * max(1, |F|)`` (nothing left to gain at this precision).
 
