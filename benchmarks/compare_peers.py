@@ -2,25 +2,48 @@
 
 Run by hand from the repository root (it is not a test)::
 
-    pip install -e ".[bench]"        # scikit-learn, dask-ml, dask-glm
+    pip install -e ".[bench]"        # scikit-learn, glum, dask-ml, dask-glm
     python3 benchmarks/compare_peers.py                       # everything, 2M x 100
-    python3 benchmarks/compare_peers.py --only dasktrain-lbfgs,daskml-lbfgs
+    python3 benchmarks/compare_peers.py --problem scaled      # badly scaled, 1M x 100
+    python3 benchmarks/compare_peers.py --only dasktrain-newton,daskglm-newton
     python3 benchmarks/compare_peers.py --rows 500000 --budget 60
 
-The problem is L2-regularized binary logistic regression on the synthetic
-store of ``benchmarks/epoch_throughput.py`` (``make_classification``: float32
-``X``, int8 ``y``, lz4; generated once under ``data/`` and reused).  The store
-is split by whole chunks with ``Dataset.split(0.1, seed=0)``; every method
-trains on the same training chunks and is scored on the same held-out chunks.
+The problem is L2-regularized binary logistic regression on one of two
+synthetic stores (float32 ``X``, int8 ``y``, lz4, 65,536-row chunks;
+generated once under ``data/`` and reused):
+
+* ``--problem isotropic`` (default): the store of
+  ``benchmarks/epoch_throughput.py`` (``make_classification``: standard normal
+  columns), 2,000,000 rows.
+* ``--problem scaled``: badly conditioned, 1,000,000 rows (400 MB): latent
+  standard normal columns correlated with their neighbour (``x_j += 0.5
+  x_{j-1}``), labels from a logistic model of the latent columns (Bayes
+  accuracy about 0.9), then each column multiplied by a scale from
+  ``logspace(-3, 3)`` in a seeded random order.  The L2 penalty makes the
+  optimum well defined; the condition number of the Hessian is of order
+  1e12.
+
+The in-RAM solvers get ``X`` as stored (float32) on the isotropic problem
+and widened to float64 (not timed) on the scaled one: in float32,
+scikit-learn's newton-cholesky stalls there 40% above the optimum, its lbfgs
+is 16% above after 1,024 iterations and glum 5% above after 200 (measured on
+200,000 rows).  dasktrain computes in float32 on both (float32 kernels,
+float64 sums, Hessians solved in float64 after Jacobi scaling).
+
+The store is split by whole chunks with ``Dataset.split(0.1, seed=0)``; every
+method trains on the same training chunks and is scored on the same held-out
+chunks.
 
 The training objective, for every method, is dasktrain's::
 
     f(w, b) = mean_i logloss(y_i, x_i @ w + b) + (l2 / 2) * ||w||^2
 
-evaluated by this script in float64 on the data held in RAM.  The reference
-optimum ``f*`` comes from scikit-learn's ``LogisticRegression(lbfgs)`` on the
-data in RAM with a tiny tolerance (``C = 1 / (l2 * n_train)``); ``f*`` is the
-lowest objective any method reached (normally scikit-learn's).  Each method
+evaluated by this script in float64 on the data held in RAM.  A reference
+fit, glum's ``GeneralizedLinearRegressor`` on the data in RAM with a tiny
+gradient tolerance, gives the stopping threshold of the runs; ``f*`` is the
+lowest objective any method reached.  (scikit-learn's converged lbfgs would
+take minutes on the scaled problem, and its converged newton-cholesky stops
+above the optimum there.)  Each method
 is then timed to a relative gap ``(f - f*) / f*`` of 0.5% and 0.1%:
 
 * dasktrain (``Trainer.fit``) reports every iteration or epoch through a
@@ -29,7 +52,10 @@ is then timed to a relative gap ``(f - f*) / f*`` of 0.5% and 0.1%:
   setting is local SGD (``fit(batch_rows=1024, local_steps=64)``): one
   round of minibatch SGD over each chunk on its worker, then averaging, per
   pass over the data.
-* scikit-learn and the Dask peers only return their final coefficients: they
+* dasktrain's Newton (``dt.optim.Newton()``, its defaults: the one-pass start
+  from per-chunk local solves, then damped Newton steps).
+* The in-RAM baselines (scikit-learn's ``lbfgs`` and ``newton-cholesky``,
+  glum) and the Dask peers only return their final coefficients: they
   are re-run with ``max_iter`` = 1, 2, 4, 8, ... and the time is that of the
   first run whose result reaches the gap.  That is the time-to-solution of a
   run *configured* with that ``max_iter``; solvers whose work per run does not
@@ -45,18 +71,20 @@ the next.  A background thread samples the resident memory (psutil) of the
 client process and of the worker processes (``client.run(os.getpid)``).  A run
 that passes ``--budget`` seconds is killed and reported as "> budget".
 
-Peers and their regularization (all penalize the SUM of the log-losses, see
-:data:`REGULARIZATION`)::
+Peers and their regularization (see :data:`REGULARIZATION`)::
 
     scikit-learn  C = 1 / (l2 * n)                 (intercept not penalized)
+    glum          alpha = l2, l1_ratio = 0         (mean loss + alpha/2 ||w||^2)
     dask-ml       C = 1 / (l2 * n); lamduh = 1 / C (intercept penalized)
     dask-glm      lamduh = l2 * n                  (intercept column penalized)
-    dask-glm gradient_descent: no regularization (lamduh is not a parameter)
+    dask-glm gradient_descent, newton: no regularization (no such parameter)
     SGDClassifier alpha = l2  (mean loss + alpha / 2 * ||w||^2)
 
 dask-glm (used by dask-ml) also standardizes the columns by default, so its
-penalty applies to coefficients on the standardized scale; on this data
-(standard normal columns) that changes the optimum by far less than 0.1%.
+penalty applies to coefficients on the standardized scale; on standard
+normal columns that changes the optimum by far less than 0.1%, but on the
+scaled problem it is another problem altogether, so there the penalized
+dask-glm and dask-ml solvers get ``normalize=False``.
 
 dask-ml 2025.1.0 and dask-glm 0.4.0 install and run unchanged with dask /
 distributed 2026.8, numpy 2.4, pandas 3 and scikit-learn 1.9 (checked when this
@@ -95,8 +123,16 @@ if TYPE_CHECKING:
     from distributed import Client
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_ROWS = 2_000_000
+PROBLEMS = ("isotropic", "scaled")
+DEFAULT_ROWS = {"isotropic": 2_000_000, "scaled": 1_000_000}
 N_FEATURES = 100
+#: The scaled problem: column scales, neighbour correlation, label signal
+#: (norm of the latent coefficients) and seed.
+SCALED_LOG10_RANGE = (-3.0, 3.0)
+SCALED_NEIGHBOUR = 0.5
+SCALED_SIGNAL = 3.0
+SCALED_SEED = 7
+SCALED_CHUNK_ROWS = 65_536
 #: dasktrain's ``l2`` (scikit-learn's ``C = 1 / (l2 * n_train)``).
 DEFAULT_L2 = 1e-4
 DEFAULT_BUDGET = 180.0
@@ -113,9 +149,12 @@ STARTUP_SECONDS = 300.0
 MAX_ITER_CAP = 1024
 #: ADMM iterations are expensive (an L-BFGS solve per chunk): smaller cap.
 ADMM_MAX_ITER_CAP = 256
-#: The reference fit: scikit-learn's lbfgs with a tiny gradient tolerance.
+#: The reference fit: glum with a tiny gradient tolerance and a cap on its
+#: iterations (it converges quadratically: 4-6 iterations reach the optimum
+#: to 1e-10 on both problems, but in float32 it may never meet the
+#: tolerance; 200 iterations took 533 s on the isotropic problem).
 REFERENCE_TOL = 1e-10
-REFERENCE_MAX_ITER = 10_000
+REFERENCE_MAX_ITER = 12
 #: Tolerances given to the peers so that ``max_iter`` is what stops them.
 PEER_TOL = 1e-12
 #: dasktrain runs stop at the 0.1% gap, or after this many epochs.
@@ -155,12 +194,16 @@ PEER_MODULES = (
     "dask_ml.linear_model.utils",
     "dask_ml.wrappers",
 )
-#: Label of scikit-learn's converged fit, the source of ``f*``.
+#: Label of the reference fit, and the method that makes it.
 REFERENCE = "reference"
+REFERENCE_METHOD = "glum"
 
 #: How each method's regularization parameter maps to dasktrain's ``l2``.
 REGULARIZATION = {
+    "glum": "alpha = l2",
     "sklearn": "C = 1/(l2*n)",
+    "sklearn-newton-cholesky": "C = 1/(l2*n)",
+    "dasktrain-newton": "l2",
     "dasktrain-lbfgs": "l2",
     "dasktrain-sgd": "l2",
     "dasktrain-local-sgd": "l2",
@@ -169,10 +212,14 @@ REGULARIZATION = {
     "daskglm-lbfgs": "lamduh = l2*n",
     "daskglm-admm": "lamduh = l2*n",
     "daskglm-gd": "none (unsupported)",
+    "daskglm-newton": "none (unsupported)",
     "daskml-incremental-sgd": "alpha = l2",
 }
 METHOD_LABELS = {
+    "glum": "glum irls, in RAM",
     "sklearn": "scikit-learn lbfgs, in RAM",
+    "sklearn-newton-cholesky": "scikit-learn newton-cholesky, in RAM",
+    "dasktrain-newton": "dasktrain Newton, full batch",
     "dasktrain-lbfgs": "dasktrain LBFGS, full batch",
     "dasktrain-sgd": "dasktrain SGD+momentum, full batch",
     "dasktrain-local-sgd": "dasktrain local SGD, 1 round/pass",
@@ -181,21 +228,33 @@ METHOD_LABELS = {
     "daskglm-lbfgs": "dask-glm lbfgs",
     "daskglm-admm": "dask-glm admm",
     "daskglm-gd": "dask-glm gradient_descent",
+    "daskglm-newton": "dask-glm newton",
     "daskml-incremental-sgd": "dask-ml Incremental(SGDClassifier)",
 }
+#: Solvers with the data in RAM in the client process (no cluster).
+IN_RAM = ("glum", "sklearn", "sklearn-newton-cholesky")
 #: Methods re-run with max_iter = 1, 2, 4, ...; the others report each epoch.
 DOUBLING = {
-    "sklearn",
+    *IN_RAM,
     "daskml-lbfgs",
     "daskml-admm",
     "daskglm-lbfgs",
     "daskglm-admm",
     "daskglm-gd",
+    "daskglm-newton",
 }
 METHODS = tuple(REGULARIZATION)
-COMPARED = tuple(m for m in METHODS if m != "sklearn")
-DASKTRAIN_METHODS = ("dasktrain-lbfgs", "dasktrain-sgd", "dasktrain-local-sgd")
-PEERS = tuple(m for m in COMPARED if m not in DASKTRAIN_METHODS)
+COMPARED = tuple(m for m in METHODS if m != REFERENCE_METHOD)
+DASKTRAIN_METHODS = (
+    "dasktrain-newton",
+    "dasktrain-lbfgs",
+    "dasktrain-sgd",
+    "dasktrain-local-sgd",
+)
+PEERS = tuple(m for m in COMPARED if m not in DASKTRAIN_METHODS and m not in IN_RAM)
+#: dask-glm solvers with a penalty (they get ``normalize=False`` on the
+#: scaled problem, so that the penalty is on the problem's own columns).
+PENALIZED_DASK = ("daskml-lbfgs", "daskml-admm", "daskglm-lbfgs", "daskglm-admm")
 
 
 # -- the objective, evaluated in RAM ------------------------------------------
@@ -281,21 +340,27 @@ def _dask_arrays(spec: dict[str, Any]) -> tuple[Any, Any]:
 def _fit_peer(name: str, spec: dict[str, Any], max_iter: int, X: Any, y: Any) -> Any:
     """Fit one Dask peer with ``max_iter``; returns ``(w, b)`` as numpy."""
     l2, n = spec["l2"], spec["n_train"]
+    # Standardizing the columns changes a penalized problem (see the module
+    # docs): off on the scaled problem.
+    normalize = (
+        {} if spec["normalize"] or name not in PENALIZED_DASK else {"normalize": False}
+    )
     if name.startswith("daskml-"):
         from dask_ml.linear_model import LogisticRegression
 
         solver = name.removeprefix("daskml-")
         # dask-ml: lamduh = 1 / C on the SUM of the losses, so C = 1/(l2 * n)
         # gives dasktrain's mean-loss objective (intercept penalized too).
-        solver_kwargs = (
-            {"abstol": PEER_TOL, "reltol": PEER_TOL} if solver == "admm" else None
-        )
+        solver_kwargs = {
+            **({"abstol": PEER_TOL, "reltol": PEER_TOL} if solver == "admm" else {}),
+            **normalize,
+        }
         est = LogisticRegression(
             solver=solver,
             C=1.0 / (l2 * n),
             max_iter=max_iter,
             tol=PEER_TOL,
-            solver_kwargs=solver_kwargs,
+            solver_kwargs=solver_kwargs or None,
         )
         est.fit(X, y)
         return np.asarray(est.coef_), float(np.asarray(est.intercept_).ravel()[0])
@@ -308,7 +373,13 @@ def _fit_peer(name: str, spec: dict[str, Any], max_iter: int, X: Any, y: Any) ->
     if name == "daskglm-lbfgs":
         # lamduh * ||beta||^2 / 2 is added to the SUM of the losses.
         beta = algorithms.lbfgs(
-            Xi, y, regularizer="l2", lamduh=l2 * n, max_iter=max_iter, tol=PEER_TOL
+            Xi,
+            y,
+            regularizer="l2",
+            lamduh=l2 * n,
+            max_iter=max_iter,
+            tol=PEER_TOL,
+            **normalize,
         )
     elif name == "daskglm-admm":
         # The consensus step applies lamduh to the SUM of the losses.
@@ -320,7 +391,11 @@ def _fit_peer(name: str, spec: dict[str, Any], max_iter: int, X: Any, y: Any) ->
             max_iter=max_iter,
             abstol=PEER_TOL,
             reltol=PEER_TOL,
+            **normalize,
         )
+    elif name == "daskglm-newton":
+        # newton takes no regularizer: it minimizes the unregularized sum.
+        beta = algorithms.newton(Xi, y, max_iter=max_iter, tol=PEER_TOL)
     elif name == "daskglm-gd":
         # gradient_descent takes no regularizer (extra keywords are swallowed):
         # it minimizes the unregularized sum of the losses.
@@ -331,27 +406,51 @@ def _fit_peer(name: str, spec: dict[str, Any], max_iter: int, X: Any, y: Any) ->
     return beta[:-1], float(beta[-1])
 
 
-def _child_doubling(name: str, spec: dict[str, Any], client: Client) -> None:
-    """Answer "run K" lines: fit with max_iter=K (K=0: the reference fit)."""
-    if name == "sklearn":
-        from sklearn.linear_model import LogisticRegression
+def _in_ram_fit(name: str, spec: dict[str, Any], X: Any, y: Any) -> Any:
+    """``fit(max_iter) -> (w, b, info)`` of an in-RAM solver (``max_iter=0``:
+    the converged reference fit)."""
+    from sklearn.linear_model import LogisticRegression
 
-        t0 = time.perf_counter()
-        X, y = load_rows(spec["store"], spec["train_bounds"])
-        _send("loaded", seconds=time.perf_counter() - t0)
-        C = 1.0 / (spec["l2"] * spec["n_train"])
+    C = 1.0 / (spec["l2"] * spec["n_train"])
 
-        def fit(max_iter: int) -> tuple[Any, Any, dict[str, Any]]:
-            full = max_iter == 0
-            est = LogisticRegression(
-                C=C,
-                solver="lbfgs",
-                tol=REFERENCE_TOL if full else PEER_TOL,
+    def fit(max_iter: int) -> tuple[Any, Any, dict[str, Any]]:
+        full = max_iter == 0
+        if name == "glum":
+            import glum
+
+            # glum: mean half binomial deviance (the log loss) plus
+            # alpha * (1 - l1_ratio) / 2 * ||w||^2: alpha = l2.
+            est = glum.GeneralizedLinearRegressor(
+                family="binomial",
+                alpha=spec["l2"],
+                l1_ratio=0.0,
+                gradient_tol=REFERENCE_TOL if full else PEER_TOL,
                 max_iter=REFERENCE_MAX_ITER if full else max_iter,
             )
             est.fit(X, y)
-            return est.coef_[0], est.intercept_[0], {"n_iter": int(est.n_iter_[0])}
+            return est.coef_, float(est.intercept_), {"n_iter": int(est.n_iter_)}
+        solver = "lbfgs" if name == "sklearn" else "newton-cholesky"
+        est = LogisticRegression(
+            C=C,
+            solver=solver,
+            tol=REFERENCE_TOL if full else PEER_TOL,
+            max_iter=REFERENCE_MAX_ITER if full else max_iter,
+        )
+        est.fit(X, y)
+        return est.coef_[0], est.intercept_[0], {"n_iter": int(est.n_iter_[0])}
 
+    return fit
+
+
+def _child_doubling(name: str, spec: dict[str, Any], client: Client) -> None:
+    """Answer "run K" lines: fit with max_iter=K (K=0: the reference fit)."""
+    if name in IN_RAM:
+        t0 = time.perf_counter()
+        X, y = load_rows(spec["store"], spec["train_bounds"])
+        # float32 as stored, or widened (see --in-ram-dtype); not timed.
+        X = X.astype(spec["in_ram_dtype"], copy=False)
+        _send("loaded", seconds=time.perf_counter() - t0)
+        fit = _in_ram_fit(name, spec, X, y)
     else:
         # Imported before any timed fit (dask-ml's import takes seconds).
         for module in PEER_MODULES:
@@ -411,8 +510,10 @@ def _child_dasktrain(name: str, spec: dict[str, Any], client: Client) -> None:
 
     model = dt.models.LogisticRegression(l2=spec["l2"])
     fit_options: dict[str, Any] = {"epochs": DASKTRAIN_MAX_EPOCHS, "batch_rows": None}
-    if name == "dasktrain-lbfgs":
-        opt: Any = dt.optim.LBFGS()
+    if name == "dasktrain-newton":
+        opt: Any = dt.optim.Newton()
+    elif name == "dasktrain-lbfgs":
+        opt = dt.optim.LBFGS()
     elif name == "dasktrain-local-sgd":
         opt = dt.optim.SGD(
             learning_rate=dt.optim.CosineDecay(
@@ -738,14 +839,17 @@ class Bench:
     ) -> None:
         budget = self.args.budget
         startup = time.monotonic() + STARTUP_SECONDS
-        if name == "sklearn":
+        if name in IN_RAM:
             loaded = child.wait_for({"loaded"}, startup)
             out.notes.append(f"data load {loaded['seconds']:.1f} s (not timed)")
+        if name == REFERENCE_METHOD:
             child.send("run 0")  # the reference fit
             child.wait_for({"start"}, startup)
             ref = self._accept(out, child.wait_for({"point"}, startup + budget * 10))
             f_star = ref.objective
-            out.notes.append(f"reference n_iter {ref.info.get('n_iter')}")
+            out.notes.append(
+                f"reference: {ref.info.get('n_iter')} iterations, {ref.seconds:.1f} s"
+            )
         assert f_star is not None
         cap = ADMM_MAX_ITER_CAP if name.endswith("admm") else MAX_ITER_CAP
         previous: Point | None = None
@@ -790,10 +894,7 @@ class Bench:
             first = out.points[0]
             out.notes.append(f"first {first.label} at {first.seconds:.1f} s")
         if any("evals" in p.info for p in out.points):
-            # L-BFGS: one pass to evaluate the starting point, then each line
-            # search's; the SGD family: one pass per epoch.
-            start = 1 if out.name == "dasktrain-lbfgs" else 0
-            passes = start + sum(int(p.info.get("evals", 1)) for p in out.points)
+            passes = passes_before(out, len(out.points))
             out.notes.append(f"{passes} passes over the data")
 
 
@@ -813,6 +914,26 @@ def _time_to(out: Outcome, f_star: float, gap: float, budget: float) -> str:
     return "never"
 
 
+def passes_before(out: Outcome, k: int) -> int:
+    """Passes over the data of a dasktrain run up to its ``k``-th point:
+    L-BFGS: one pass to evaluate the starting point, then each line
+    search's; Newton: each row counts its own (the start's included); the SGD
+    family: one pass per epoch."""
+    start = 1 if out.name == "dasktrain-lbfgs" else 0
+    return start + sum(int(p.info.get("evals", 1)) for p in out.points[:k])
+
+
+def _cost_to(out: Outcome, f_star: float, gap: float) -> str:
+    """What the first point within ``gap`` cost: passes (dasktrain) or the
+    ``max_iter`` of the run (doubling methods)."""
+    p = out.first_within(f_star, gap)
+    if p is None:
+        return "-"
+    if out.name in DASKTRAIN_METHODS:
+        return f"{passes_before(out, out.points.index(p) + 1)} passes"
+    return str(p.label)
+
+
 def report(
     outcomes: Sequence[Outcome], f_star: float, budget: float, n_train: int
 ) -> None:
@@ -823,8 +944,8 @@ def report(
     )
     header = (
         f"{'method':38s} {'reg. parameter':18s} {'t 0.5%':>8s} {'t 0.1%':>8s} "
-        f"{'final gap':>10s} {'held-out acc':>12s} {'client MiB':>10s} "
-        f"{'workers MiB':>12s}  status / notes"
+        f"{'to 0.1%':>13s} {'final gap':>10s} {'held-out acc':>12s} "
+        f"{'client MiB':>10s} {'workers MiB':>12s}  status / notes"
     )
     print(header)
     print("-" * len(header))
@@ -837,57 +958,92 @@ def report(
         print(
             f"{METHOD_LABELS[out.name]:38s} {REGULARIZATION[out.name]:18s} "
             f"{_time_to(out, f_star, GAPS[0], budget):>8s} "
-            f"{_time_to(out, f_star, GAPS[1], budget):>8s} {gap:>10s} {acc:>12s} "
+            f"{_time_to(out, f_star, GAPS[1], budget):>8s} "
+            f"{_cost_to(out, f_star, GAPS[1]):>13s} {gap:>10s} {acc:>12s} "
             f"{_mib(out.client_peak):>10s} {workers:>12s}  {notes}"
         )
 
 
 def ratios(outcomes: dict[str, Outcome], f_star: float, budget: float) -> None:
+    """Each dasktrain method's time to 0.1% against the in-RAM baselines' and
+    the fastest Dask peer's, all measured in this run."""
     print()
     gap = min(GAPS)
-    ref = outcomes["sklearn"]
-    ref_full = ref.points[0].seconds
-    ref_gap = ref.first_within(f_star, gap)
-    ours = [
-        (name, p)
-        for name in DASKTRAIN_METHODS
+    in_ram = {
+        name: p.seconds
+        for name in IN_RAM
         if name in outcomes and (p := outcomes[name].first_within(f_star, gap))
-    ]
-    if not ours:
-        print("no dasktrain method reached the 0.1% gap: no ratios")
-        return
-    best_name, best = min(ours, key=lambda item: item[1].seconds)
-    print(
-        f"dasktrain's fastest to 0.1%: {METHOD_LABELS[best_name]}, {best.seconds:.2f} s"
-    )
-    print(
-        f"  / scikit-learn in RAM, converged ({ref_full:.2f} s):          "
-        f"{best.seconds / ref_full:6.2f}   (target <= 1.0)"
-    )
-    if ref_gap is not None:
-        print(
-            f"  / scikit-learn in RAM, its own time to 0.1% ({ref_gap.seconds:.2f} s): "
-            f"{best.seconds / ref_gap.seconds:6.2f}   (target <= 1.0)"
-        )
-    peers = [outcomes[n] for n in PEERS if n in outcomes]
-    if not peers:
-        return
-    times: list[tuple[float, bool, str]] = []
-    for out in peers:
-        p = out.first_within(f_star, gap)
+    }
+    peer_times: list[tuple[float, bool, str]] = []
+    for name in PEERS:
+        if name not in outcomes:
+            continue
+        p = outcomes[name].first_within(f_star, gap)
         if p is not None:
-            times.append((p.seconds, True, out.name))
-        elif out.status.startswith("> budget"):
-            times.append((budget, False, out.name))
-    if not times:
+            peer_times.append((p.seconds, True, name))
+        elif outcomes[name].status.startswith("> budget"):
+            peer_times.append((budget, False, name))
+    fastest = min(peer_times) if peer_times else None
+    reached = False
+    for name in DASKTRAIN_METHODS:
+        out = outcomes.get(name)
+        p = out.first_within(f_star, gap) if out is not None else None
+        if out is None or p is None:
+            continue
+        reached = True
+        passes = passes_before(out, out.points.index(p) + 1)
+        print(f"{METHOD_LABELS[name]}: 0.1% at {p.seconds:.2f} s ({passes} passes)")
+        for base, seconds in in_ram.items():
+            target = "   (target <= 0.5)" if base.startswith("sklearn") else ""
+            print(
+                f"  / {METHOD_LABELS[base]} ({seconds:.2f} s): "
+                f"{p.seconds / seconds:6.2f}{target}"
+            )
+        if fastest is not None:
+            seconds, done, peer = fastest
+            bound = "" if done else ">= "
+            print(
+                f"  fastest Dask peer / this: {bound}{seconds / p.seconds:.1f}x   "
+                f"({METHOD_LABELS[peer]}: {'' if done else '> '}{seconds:.2f} s; "
+                f"target >= 10x)"
+            )
+    if not reached:
+        print("no dasktrain method reached the 0.1% gap: no ratios")
+    elif fastest is None and any(n in outcomes for n in PEERS):
         print("fastest peer / dasktrain: no peer reached 0.1% (stalled or failed)")
-        return
-    seconds, reached, name = min(times)
-    bound = "" if reached else ">= "
-    print(
-        f"fastest peer to 0.1% / dasktrain: {bound}{seconds / best.seconds:.1f}x   "
-        f"({METHOD_LABELS[name]}: {'' if reached else '> '}{seconds:.2f} s; "
-        f"target >= 10x)"
+
+
+def make_scaled_store(path: Path, n_rows: int) -> Any:
+    """The badly conditioned problem (see the module docs), written once and
+    reused when a store with these rows exists at ``path``."""
+    import dasktrain as dt
+
+    with contextlib.suppress(Exception):
+        existing = dt.Dataset.open(str(path))
+        if existing.n_rows == n_rows and existing.n_features == N_FEATURES:
+            return existing
+    rng = np.random.default_rng([SCALED_SEED])
+    scales = np.logspace(*SCALED_LOG10_RANGE, N_FEATURES)
+    rng.shuffle(scales)
+    coef = rng.normal(size=N_FEATURES)
+    coef *= SCALED_SIGNAL / np.linalg.norm(coef)
+    X = np.empty((n_rows, N_FEATURES), dtype=np.float32)
+    y = np.empty(n_rows, dtype=np.int8)
+    for start in range(0, n_rows, SCALED_CHUNK_ROWS):
+        stop = min(n_rows, start + SCALED_CHUNK_ROWS)
+        block = np.random.default_rng([SCALED_SEED, start]).normal(
+            size=(stop - start, N_FEATURES)
+        )
+        for j in range(1, N_FEATURES):
+            block[:, j] += SCALED_NEIGHBOUR * block[:, j - 1]
+        block /= block.std(axis=0)
+        noise = np.random.default_rng([SCALED_SEED, start, 1]).logistic(
+            size=stop - start
+        )
+        y[start:stop] = block @ coef + noise > 0
+        X[start:stop] = block * scales
+    return dt.Dataset.from_arrays(
+        str(path), X=X, y=y, chunk_rows=SCALED_CHUNK_ROWS, overwrite=True
     )
 
 
@@ -914,8 +1070,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated methods to compare (scikit-learn, the reference, "
-        f"always runs); choose from {', '.join(COMPARED)}",
+        help=f"comma-separated methods to compare ({REFERENCE_METHOD}, the "
+        f"reference, always runs); choose from {', '.join(COMPARED)}",
+    )
+    parser.add_argument(
+        "--problem",
+        choices=PROBLEMS,
+        default=PROBLEMS[0],
+        help="isotropic (standard normal columns, the default) or scaled (badly "
+        "conditioned: column scales 1e-3 .. 1e3)",
     )
     parser.add_argument(
         "--budget",
@@ -924,7 +1087,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds after which one run is killed (default %(default)s)",
     )
     parser.add_argument(
-        "--rows", type=int, default=DEFAULT_ROWS, help="rows (default %(default)s)"
+        "--in-ram-dtype",
+        choices=("auto", "float32", "float64"),
+        default="auto",
+        help="dtype of X given to the in-RAM solvers; auto: float32 (as stored) "
+        "on the isotropic problem, float64 on the scaled one, where their float32 "
+        "runs stop far above the optimum",
+    )
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=None,
+        help="rows (default 2,000,000 isotropic, 1,000,000 scaled)",
     )
     parser.add_argument(
         "--l2",
@@ -949,6 +1123,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(COMPARED)}")
     args.methods = [n for n in COMPARED if n in names] if names else list(COMPARED)
+    if args.rows is None:
+        args.rows = DEFAULT_ROWS[args.problem]
     if args.budget <= 0 or args.rows < 2 or args.l2 <= 0:
         parser.error("--budget and --l2 must be > 0 and --rows >= 2")
     return args
@@ -985,6 +1161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
     path = store_path(args.rows)
+    if args.problem == "scaled":
+        path = path.with_name(path.name.replace("bench-", "bench-scaled-"))
     versions = [
         f"python {platform.python_version()}",
         f"numpy {np.__version__}",
@@ -993,14 +1171,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"zarr {zarr.__version__}",
         f"scikit-learn {sklearn.__version__}",
     ]
-    for mod in ("dask_ml", "dask_glm"):
+    for mod in ("dask_ml", "dask_glm", "glum"):
         try:
             versions.append(f"{mod.replace('_', '-')} {__import__(mod).__version__}")
         except ImportError:
             versions.append(f"{mod.replace('_', '-')} missing")
     print(
-        f"compare peers: L2 logistic regression, {args.rows:,} x {N_FEATURES} float32, "
-        f"l2 = {args.l2:g}, budget {args.budget:g} s per run; store {path}"
+        f"compare peers: L2 logistic regression, {args.problem} problem, "
+        f"{args.rows:,} x {N_FEATURES} float32, l2 = {args.l2:g}, budget "
+        f"{args.budget:g} s per run; store {path}"
     )
     print(
         f"  {', '.join(versions)}; {os.cpu_count()} CPUs; load average "
@@ -1013,9 +1192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         # Generated once (on the workers), then reused; the parameters match
         # benchmarks/epoch_throughput.py's store at the same path.
-        ds = dt.datasets.make_classification(
-            path, n_rows=args.rows, n_features=N_FEATURES, seed=0, client=client
-        )
+        if args.problem == "scaled":
+            ds = make_scaled_store(path, args.rows)
+        else:
+            ds = dt.datasets.make_classification(
+                path, n_rows=args.rows, n_features=N_FEATURES, seed=0, client=client
+            )
         train, val = ds.split(VAL_FRACTION, seed=SPLIT_SEED)
         train_bounds = [train.chunk_bounds(c) for c in train.chunk_ids]
         val_bounds = [val.chunk_bounds(c) for c in val.chunk_ids]
@@ -1033,6 +1215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "train_chunk_ids": list(train.chunk_ids),
             "n_train": train.n_rows,
             "l2": args.l2,
+            "normalize": args.problem == "isotropic",
+            "in_ram_dtype": (
+                ("float32" if args.problem == "isotropic" else "float64")
+                if args.in_ram_dtype == "auto"
+                else args.in_ram_dtype
+            ),
         }
         sampler = PeakSampler()
         bench = Bench(
@@ -1040,12 +1228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         outcomes: dict[str, Outcome] = {}
         try:
-            print("  sklearn (reference) ...", flush=True)
-            outcomes["sklearn"] = bench.run("sklearn", None)
-            if not outcomes["sklearn"].points:
-                print(f"error: the reference fit failed: {outcomes['sklearn'].status}")
+            print(f"  {REFERENCE_METHOD} (reference) ...", flush=True)
+            reference = bench.run(REFERENCE_METHOD, None)
+            outcomes[REFERENCE_METHOD] = reference
+            if not reference.points:
+                print(f"error: the reference fit failed: {reference.status}")
                 return 1
-            f_ref = outcomes["sklearn"].points[0].objective
+            f_ref = reference.points[0].objective
             for name in args.methods:
                 print(f"  {name} ...", flush=True)
                 outcomes[name] = bench.run(name, f_ref)
@@ -1058,7 +1247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     f_star = min(p.objective for out in outcomes.values() for p in out.points)
     if f_star < f_ref:
         print(
-            f"note: a method went below scikit-learn's objective by "
+            f"note: a method went below the reference fit's objective by "
             f"{(f_ref - f_star) / f_ref:.1e} (relative); f* is that lowest value"
         )
     ordered = [outcomes[n] for n in METHODS if n in outcomes]

@@ -42,8 +42,11 @@ QUICKSTART_FEATURES = 100
 QUICKSTART_DATA = os.path.join("data", "quickstart.zarr")
 QUICKSTART_RUN = os.path.join("runs", "quickstart.zarr")
 
-MODELS = ("logistic", "linear", "softmax", "mlp")
-OPTIMIZERS = ("lbfgs", "adam", "adamw", "sgd", "adagrad")
+MODELS = ("logistic", "linear", "softmax", "poisson", "gamma", "mlp")
+#: ``auto`` (the default): Newton for the linear models and GLMs (the fastest
+#: to the optimum in benchmarks/compare_peers.py) when their Hessian is small
+#: enough, L-BFGS otherwise (the MLP, wide data).
+OPTIMIZERS = ("auto", "newton", "lbfgs", "adam", "adamw", "sgd", "adagrad")
 
 
 class UsageError(Exception):
@@ -67,6 +70,10 @@ def _build_model(cfg: dict[str, Any], n_classes: int | None) -> Any:
         return models.LogisticRegression(l2=l2, l1=l1)
     if kind == "linear":
         return models.LinearRegression(l2=l2, l1=l1)
+    if kind == "poisson":
+        return models.PoissonRegression(l2=l2, l1=l1)
+    if kind == "gamma":
+        return models.GammaRegression(l2=l2, l1=l1)
     if kind == "softmax":
         k = cfg.get("n_classes", n_classes)
         if k is None:
@@ -80,15 +87,29 @@ def _build_model(cfg: dict[str, Any], n_classes: int | None) -> Any:
     raise UsageError(f"unknown model {kind!r}; choose one of {', '.join(MODELS)}")
 
 
-def _build_optimizer(cfg: dict[str, Any]) -> Any:
+def _build_optimizer(cfg: dict[str, Any], model: Any, n_features: int) -> Any:
     from dasktrain import optim
+    from dasktrain.models.glm import coef_shape, supports_second_order
+    from dasktrain.optim.newton import MAX_HESSIAN_PARAMS
 
-    kind = cfg.get("optimizer", "lbfgs")
+    kind = cfg.get("optimizer", "auto")
     lr = float(cfg.get("learning_rate", 1e-2))
     clip = cfg.get("clip_norm")
     clip = None if clip is None else float(clip)
+    tol = float(cfg.get("tol", 1e-6))
+    if kind in ("auto", "newton"):
+        rows, k = coef_shape(model, n_features)
+        fits = supports_second_order(model) and rows * k <= MAX_HESSIAN_PARAMS
+        if fits:
+            return optim.Newton(tol=tol)
+        if kind == "newton":
+            raise UsageError(
+                f"--optimizer newton needs a linear model or GLM with at most "
+                f"{MAX_HESSIAN_PARAMS} coefficients; use lbfgs"
+            )
+        return optim.LBFGS(tol=tol)
     if kind == "lbfgs":
-        return optim.LBFGS(tol=float(cfg.get("tol", 1e-6)))
+        return optim.LBFGS(tol=tol)
     if kind == "adam":
         return optim.Adam(lr, clip_norm=clip)
     if kind == "adamw":
@@ -138,7 +159,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         if _path_exists(args.run):
             _remove_run(args.run)
         model = dt.models.LogisticRegression(l2=1e-4)
-        optimizer = dt.optim.LBFGS()
+        optimizer = dt.optim.Newton()
         trainer = dt.Trainer(model, optimizer, store=args.run, client=client)
         print(
             f"Training {model!r} with {optimizer!r} on {train.n_rows:,} rows "
@@ -356,7 +377,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     val_fraction = float(cfg.get("val_fraction", 0.0))
     train, val = (data, None) if val_fraction <= 0 else data.split(val_fraction, seed=0)
     model = _build_model(cfg, None)
-    optimizer = _build_optimizer(cfg)
+    optimizer = _build_optimizer(cfg, model, data.schema.n_features)
     handle = _client(args.scheduler)
     try:
         trainer = dt.Trainer(
@@ -469,12 +490,22 @@ TRAIN_FLAGS = (
         "optimizer: " + ", ".join(OPTIMIZERS),
         choices=OPTIMIZERS,
     ),
-    _Flag("learning_rate", "--learning-rate", float, "learning rate (not LBFGS)"),
+    _Flag(
+        "learning_rate",
+        "--learning-rate",
+        float,
+        "learning rate (not Newton or LBFGS)",
+    ),
     _Flag("momentum", "--momentum", float, "SGD momentum"),
     _Flag("weight_decay", "--weight-decay", float, "AdamW weight decay"),
     _Flag("clip_norm", "--clip-norm", float, "clip gradients to this global norm"),
-    _Flag("tol", "--tol", float, "LBFGS gradient tolerance"),
-    _Flag("epochs", "--epochs", int, "total epochs of the run (LBFGS: iterations)"),
+    _Flag("tol", "--tol", float, "Newton and LBFGS gradient tolerance"),
+    _Flag(
+        "epochs",
+        "--epochs",
+        int,
+        "total epochs of the run (Newton, LBFGS: iterations)",
+    ),
     _Flag("batch_rows", "--batch-rows", int, "rows per step (default: full batch)"),
     _Flag(
         "val_fraction",
@@ -518,7 +549,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--run", default=QUICKSTART_RUN, help="parameter store path (replaced)"
     )
-    p.add_argument("--epochs", type=int, default=50, help="maximum L-BFGS iterations")
+    p.add_argument("--epochs", type=int, default=50, help="maximum Newton iterations")
     scheduler_flag(p)
     p.set_defaults(func=cmd_quickstart)
 

@@ -108,7 +108,8 @@ from dasktrain.data import DEFAULT_CHUNK_ROWS, Dataset
 from dasktrain.engine.cluster import DEFAULT_THREADS_PER_WORKER
 from dasktrain.errors import ConfigMismatchError
 from dasktrain.history import History
-from dasktrain.optim import LBFGS, SGD, Adam, Optimizer, Schedule
+from dasktrain.optim import LBFGS, SGD, Adam, Newton, Optimizer, Schedule
+from dasktrain.optim.newton import MAX_HESSIAN_PARAMS
 from dasktrain.params import ParamStore
 from dasktrain.trainer import Trainer
 
@@ -156,7 +157,7 @@ MLP_AUTO_BATCH_ROWS = 200
 #: Epochs without improvement that stop ``LogisticRegression(solver="adam")``.
 ADAM_PATIENCE = 5
 
-_SOLVERS = ("lbfgs", "adam")
+_SOLVERS = ("auto", "newton", "lbfgs", "adam")
 _LINEAR_PENALTIES = ("l2", "l1", "elasticnet", None)
 _MLP_SOLVERS = ("adam", "sgd")
 _MLP_ACTIVATIONS = ("relu", "tanh")
@@ -577,7 +578,7 @@ class _DasktrainEstimator(BaseEstimator):
         self._basis_rows = n_rows
         if partial:
             return
-        if isinstance(plan.optimizer, LBFGS):
+        if isinstance(plan.optimizer, LBFGS | Newton):
             converged = self.n_iter_ < plan.epochs
         else:
             converged = plateau is None or plateau.triggered
@@ -1034,6 +1035,25 @@ def _linear_classifier_attrs(
     return np.ascontiguousarray(w.T), b.copy()
 
 
+def _second_order(
+    solver: str, tol: float, n_coefs: int | None, owner: str
+) -> Optimizer:
+    """The full-batch optimizer of ``solver``: ``"auto"`` is Newton (the
+    fastest to the optimum in ``benchmarks/compare_peers.py``) up to
+    :data:`~dasktrain.optim.newton.MAX_HESSIAN_PARAMS` coefficients, L-BFGS
+    beyond (``n_coefs`` is ``None`` before the data is known)."""
+    too_many = n_coefs is not None and n_coefs > MAX_HESSIAN_PARAMS
+    if solver == "newton" and too_many:
+        raise ValueError(
+            f"{owner}(solver='newton') keeps a dense Hessian of {n_coefs} "
+            f"coefficients, more than {MAX_HESSIAN_PARAMS}: use solver='lbfgs' "
+            f"(or 'auto')"
+        )
+    if solver == "lbfgs" or (solver == "auto" and too_many):
+        return LBFGS(tol=tol)
+    return Newton(tol=tol)
+
+
 def _linear_classifier_model(
     n_classes: int | None, *, l2: float, l1: float = 0.0
 ) -> Model:
@@ -1062,14 +1082,20 @@ class LogisticRegression(_Classifier):
         ``None`` fits without regularization (``C`` is then unused).
     C : float, default=1.0
         Inverse regularization strength, > 0.
-    solver : {"lbfgs", "adam"}, default="lbfgs"
-        ``"lbfgs"``: full-batch L-BFGS, each iteration a strong-Wolfe line
-        search over full passes.  ``"adam"``: Adam steps on batches of
-        ``batch_size`` rows (``None``: full batch) with ``learning_rate``.
+    solver : {"auto", "newton", "lbfgs", "adam"}, default="auto"
+        ``"newton"``: full-batch damped Newton steps from the gradient and
+        Hessian of each pass, after a first pass that solves every chunk
+        locally (:class:`dasktrain.optim.Newton`); ``"auto"`` (the default,
+        the fastest in the project's benchmarks) is Newton up to 4,096
+        coefficients and L-BFGS beyond.  ``"lbfgs"``: full-batch L-BFGS, each
+        iteration a strong-Wolfe line search over full passes.  ``"adam"``:
+        Adam steps on batches of ``batch_size`` rows (``None``: full batch)
+        with ``learning_rate``.
     max_iter : int, default=100
-        L-BFGS iterations, or Adam epochs.
+        Newton or L-BFGS iterations, or Adam epochs.
     tol : float, default=1e-6
-        L-BFGS: stop when ``max|gradient| <= tol * max(1, |objective|)``.
+        Newton and L-BFGS: stop when ``max|gradient| <= tol * max(1,
+        |objective|)``.
         Adam: stop when the epoch's mean objective has not improved by more
         than ``tol`` for 5 epochs in a row.
     learning_rate : float or Schedule, default=0.01
@@ -1098,7 +1124,7 @@ class LogisticRegression(_Classifier):
     feature_names_in_ : ndarray of str
         Only when ``X`` had string column names.
     n_iter_ : int
-        L-BFGS iterations (or Adam epochs) run.
+        Newton or L-BFGS iterations (or Adam epochs) run.
     history_ : History
         One row per optimizer step (loss, objective, gradient norm, ...).
     store_ : str
@@ -1123,7 +1149,7 @@ class LogisticRegression(_Classifier):
         *,
         penalty: str | None = "l2",
         C: float = 1.0,
-        solver: str = "lbfgs",
+        solver: str = "auto",
         max_iter: int = 100,
         tol: float = 1e-6,
         learning_rate: float | Schedule = 0.01,
@@ -1170,8 +1196,12 @@ class LogisticRegression(_Classifier):
         tol = _check_number("tol", self.tol)
         l2 = 1.0 / (C * n_rows) if self.penalty == "l2" else 0.0
         model = _linear_classifier_model(n_classes, l2=l2)
-        if self.solver == "lbfgs":
-            return _Plan(model, LBFGS(tol=tol), max_iter)
+        if self.solver != "adam":
+            n_features = getattr(self, "n_features_in_", None)
+            k = 1 if n_classes is None or n_classes == 2 else n_classes
+            n_coefs = None if n_features is None else (int(n_features) + 1) * k
+            optimizer = _second_order(self.solver, tol, n_coefs, type(self).__name__)
+            return _Plan(model, optimizer, max_iter)
         return _Plan(
             model,
             Adam(_check_learning_rate("learning_rate", self.learning_rate)),
@@ -1189,7 +1219,8 @@ class LogisticRegression(_Classifier):
 
 
 class LinearRegression(_Regressor):
-    """Least squares, with an optional ridge penalty, trained with L-BFGS.
+    """Least squares, with an optional ridge penalty, trained with Newton
+    (one step solves it) or L-BFGS.
 
     Minimizes ``mean_i 0.5 * (y_i - x_i @ w - b)**2 + alpha / (2 n_rows) *
     ||w||^2``: the minimizer of scikit-learn's ``Ridge(alpha)`` (and of
@@ -1202,9 +1233,11 @@ class LinearRegression(_Regressor):
     alpha : float, default=0.0
         Ridge strength, >= 0 (scikit-learn's ``Ridge`` semantics).
     max_iter : int, default=100
-        L-BFGS iterations.
+        Newton or L-BFGS iterations.
     tol : float, default=1e-6
         Stop when ``max|gradient| <= tol * max(1, |objective|)``.
+    solver : {"auto", "newton", "lbfgs"}, default="auto"
+        As in :class:`LogisticRegression`.
     chunk_rows, store_dir, client, random_state, verbose
         As in :class:`LogisticRegression`.
 
@@ -1231,6 +1264,7 @@ class LinearRegression(_Regressor):
         alpha: float = 0.0,
         max_iter: int = 100,
         tol: float = 1e-6,
+        solver: str = "auto",
         chunk_rows: int | str = "auto",
         store_dir: str | os.PathLike[str] | None = None,
         client: Any = None,
@@ -1240,6 +1274,7 @@ class LinearRegression(_Regressor):
         self.alpha = alpha
         self.max_iter = max_iter
         self.tol = tol
+        self.solver = solver
         self.chunk_rows = chunk_rows
         self.store_dir = store_dir
         self.client = client
@@ -1260,9 +1295,15 @@ class LinearRegression(_Regressor):
         alpha = _check_number("alpha", self.alpha)
         max_iter = _check_int("max_iter", self.max_iter, 1)
         tol = _check_number("tol", self.tol)
-        return _Plan(
-            models.LinearRegression(l2=alpha / n_rows), LBFGS(tol=tol), max_iter
+        _check_choice("solver", self.solver, ("auto", "newton", "lbfgs"))
+        n_features = getattr(self, "n_features_in_", None)
+        optimizer = _second_order(
+            self.solver,
+            tol,
+            None if n_features is None else int(n_features) + 1,
+            type(self).__name__,
         )
+        return _Plan(models.LinearRegression(l2=alpha / n_rows), optimizer, max_iter)
 
     def _set_learned(self, params: dict[str, np.ndarray]) -> None:
         self.coef_ = np.asarray(params["w"]).copy()

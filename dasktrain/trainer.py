@@ -46,10 +46,13 @@ from dasktrain.loops.base import FitLoop, FitOptions, Run, dataset_meta
 from dasktrain.loops.full_batch import FullBatchLoop
 from dasktrain.loops.lbfgs import LBFGSLoop
 from dasktrain.loops.minibatch import MinibatchLoop, resolve_n_streams
+from dasktrain.loops.newton import NewtonLoop
 from dasktrain.loops.tables import TablesLoop, sharded_pass
 from dasktrain.models.base import Model, model_from_config
+from dasktrain.models.glm import supports_second_order
 from dasktrain.models.sparse import SparseModel
 from dasktrain.optim import LBFGS, Optimizer, optimizer_from_config
+from dasktrain.optim.newton import Newton
 from dasktrain.params import ParamStore
 from dasktrain.params.tables import (
     PARAM,
@@ -136,6 +139,13 @@ class Trainer:
             raise TypeError(
                 "optimizer must be a dasktrain optimizer, "
                 f"got {type(optimizer).__name__}"
+            )
+        if isinstance(optimizer, Newton) and not supports_second_order(model):
+            raise ValueError(
+                f"Newton needs a linear model or GLM with a Hessian "
+                f"(LinearRegression, LogisticRegression, SoftmaxRegression, "
+                f"PoissonRegression, GammaRegression), not {type(model).__name__}; "
+                f"use LBFGS or a first-order optimizer"
             )
         if (
             isinstance(keep_versions, bool)
@@ -687,6 +697,8 @@ class Trainer:
                 store_ref=self._store_ref,
                 **common,
             )
+        if isinstance(self.optimizer, Newton):
+            return NewtonLoop(self, ps, run, data, options, **common)
         if isinstance(self.optimizer, LBFGS):
             return LBFGSLoop(self, ps, run, data, options, **common)
         if options.batch_rows is None:

@@ -7,6 +7,7 @@ Each model holds hyper-parameters only; :meth:`~Model.config` and
 from __future__ import annotations
 
 from dasktrain.models.base import Model, model_from_config
+from dasktrain.models.glm import GammaRegression, PoissonRegression
 from dasktrain.models.linear import (
     LinearRegression,
     LogisticRegression,
@@ -22,10 +23,12 @@ from dasktrain.models.sparse import (
 
 __all__ = [
     "MLP",
+    "GammaRegression",
     "LinearRegression",
     "LogisticRegression",
     "MatrixFactorization",
     "Model",
+    "PoissonRegression",
     "SoftmaxRegression",
     "SparseLogisticRegression",
     "SparseModel",

@@ -2,7 +2,8 @@
 
 Step-by-step optimizers (:class:`SGD`, :class:`Adam`, :class:`AdamW`,
 :class:`Adagrad`) are chains of gradient transformations with explicit flat
-state; :class:`LBFGS` is driven by the trainer over full passes.
+state; :class:`LBFGS` and :class:`Newton` are driven by the trainer over full
+passes.
 
 Examples
 --------
@@ -33,6 +34,7 @@ from dasktrain.optim.lbfgs import (
     minimize_lbfgs,
     two_loop_direction,
 )
+from dasktrain.optim.newton import Newton, NewtonRun, minimize_newton
 from dasktrain.optim.optimizers import SGD, Adagrad, Adam, AdamW, decays_weight
 from dasktrain.optim.schedules import (
     Constant,
@@ -68,6 +70,8 @@ __all__ = [
     "IterationInfo",
     "LineSearchResult",
     "MinimizeResult",
+    "Newton",
+    "NewtonRun",
     "OptState",
     "Optimizer",
     "Params",
@@ -84,6 +88,7 @@ __all__ = [
     "decays_weight",
     "is_count",
     "minimize_lbfgs",
+    "minimize_newton",
     "optimizer_from_config",
     "scale_by_adam",
     "scale_by_learning_rate",

@@ -15,6 +15,10 @@ Correspondences (``n`` rows, the intercepts never penalized)::
     SoftmaxRegression(k, l2=1 / (C n))      sklearn LogisticRegression(C), multinomial
     LinearRegression(l2=alpha / n)          sklearn Ridge(alpha)
     LinearRegression(l1=alpha)              sklearn Lasso(alpha)
+    PoissonRegression(l2=alpha)             sklearn PoissonRegressor(alpha)
+    GammaRegression(l2=alpha)               sklearn GammaRegressor(alpha)
+
+Every problem is solved with L-BFGS and with Newton (both starts).
 
 scikit-learn is fitted with one BLAS thread: several test sessions share this
 machine, and an oversubscribed BLAS made the digits fit 20 times slower.
@@ -634,3 +638,235 @@ def test_l1_logistic_lbfgs_owlqn_matches_sklearn(
     assert fitted.final_objective == pytest.approx(ours, rel=HISTORY_RTOL)
     assert 0 < int((w == 0).sum()) < w.size  # exact zeros, the same ones
     np.testing.assert_array_equal(w == 0, coef == 0)
+
+
+# ---------------------------------------------------------------------------
+# Newton: the same optima, and the same zeros with L1
+# ---------------------------------------------------------------------------
+
+#: Newton's iteration cap (it stops after a handful of iterations).
+NEWTON_MAX_EPOCHS = 50
+#: Newton on float64 data reaches the oracle objective to this (relative).
+NEWTON_RTOL = 1e-6
+#: Newton's optimizer configurations: the default (one-pass start, Hessians
+#: on a row subset; these chunks are smaller than the subset, so the Hessians
+#: are exact) and a plain start.
+NEWTONS = [
+    pytest.param(dt.optim.Newton, id="newton"),
+    pytest.param(lambda: dt.optim.Newton(local_iterations=0), id="newton-plain"),
+]
+
+
+def assert_newton_converged(fitted: Fitted) -> None:
+    assert fitted.trainer.epoch < NEWTON_MAX_EPOCHS
+    assert dt.ParamStore.open(fitted.trainer.store_path).meta["status"] == "converged"
+
+
+@pytest.mark.parametrize("newton", NEWTONS)
+@pytest.mark.parametrize("C", C_VALUES)
+def test_logistic_newton_matches_sklearn(
+    breast_cancer: Problem, fit: Any, C: float, newton: Any
+) -> None:
+    problem = breast_cancer
+    est, oracle = sklearn_logistic(problem, C)
+    l2 = 1.0 / (C * problem.n_rows)
+    fitted = fit(
+        dt.models.LogisticRegression(l2=l2),
+        newton(),
+        problem.data,
+        epochs=NEWTON_MAX_EPOCHS,
+    )
+    assert_newton_converged(fitted)
+    ours = logistic_objective(
+        problem.X, problem.y, fitted.params["w"], fitted.params["b"], l2=l2
+    )
+    assert_objective_matches(ours, oracle, rtol=NEWTON_RTOL)
+    assert fitted.final_objective == pytest.approx(ours, rel=HISTORY_RTOL)
+    labels = fitted.trainer.predict(problem.X)
+    assert float(np.mean(labels == est.predict(problem.X))) >= LABEL_AGREEMENT
+
+
+def test_logistic_float32_store_newton_matches_sklearn(
+    breast_cancer_float32: Problem, fit: Any
+) -> None:
+    """float32 data: float32 Hessians and gradients, float64 sums; the
+    default tolerance works (no float32 special case as for L-BFGS)."""
+    problem = breast_cancer_float32
+    C = 1.0
+    _, oracle = sklearn_logistic(problem, C)
+    l2 = 1.0 / (C * problem.n_rows)
+    fitted = fit(
+        dt.models.LogisticRegression(l2=l2),
+        dt.optim.Newton(),
+        problem.data,
+        epochs=NEWTON_MAX_EPOCHS,
+    )
+    assert_newton_converged(fitted)
+    ours = logistic_objective(
+        problem.X, problem.y, fitted.params["w"], fitted.params["b"], l2=l2
+    )
+    assert_objective_matches(ours, oracle, rtol=NEWTON_RTOL)
+
+
+@pytest.mark.parametrize("newton", NEWTONS)
+def test_softmax_newton_matches_sklearn_multinomial(
+    digits: Problem, fit: Any, newton: Any
+) -> None:
+    """A block Hessian of 650 coefficients, singular along the intercepts."""
+    problem = digits
+    C = 0.1
+    train, _ = problem.data.split(0.25, seed=0)
+    X_train, y_train = rows_of(problem, train)
+    est = sklearn_fit(
+        linear_model.LogisticRegression(C=C, tol=SKLEARN_TOL, max_iter=10_000),
+        X_train,
+        y_train,
+    )
+    l2 = 1.0 / (C * len(y_train))
+    oracle = softmax_objective(X_train, y_train, est.coef_.T, est.intercept_, l2=l2)
+    fitted = fit(
+        dt.models.SoftmaxRegression(10, l2=l2),
+        newton(),
+        train,
+        epochs=NEWTON_MAX_EPOCHS,
+    )
+    assert_newton_converged(fitted)
+    ours = softmax_objective(
+        X_train, y_train, fitted.params["w"], fitted.params["b"], l2=l2
+    )
+    assert_objective_matches(ours, oracle, rtol=NEWTON_RTOL)
+
+
+def test_ridge_newton_is_one_step(diabetes: Problem, fit: Any) -> None:
+    """Least squares is quadratic: the first Newton step is the solution."""
+    problem = diabetes
+    oracle = sklearn_ridge(problem)
+    l2 = RIDGE_ALPHA / problem.n_rows
+    fitted = fit(
+        dt.models.LinearRegression(l2=l2),
+        dt.optim.Newton(local_iterations=0),
+        problem.data,
+        epochs=NEWTON_MAX_EPOCHS,
+    )
+    w, b = fitted.params["w"], fitted.params["b"]
+    ours = least_squares_objective(problem.X, problem.y, w, b, l2=l2)
+    assert_objective_matches(ours, oracle, rtol=NEWTON_RTOL)
+    assert len(fitted.history) <= 2
+
+
+@pytest.mark.parametrize("newton", NEWTONS)
+def test_lasso_newton_zero_pattern_matches_sklearn(
+    diabetes: Problem, fit: Any, newton: Any
+) -> None:
+    """L1 by proximal Newton steps (coordinate descent on the model):
+    exactly the zeros of scikit-learn's coordinate descent."""
+    problem = diabetes
+    est = sklearn_fit(
+        linear_model.Lasso(
+            alpha=LASSO_ALPHA, tol=SKLEARN_TOL, max_iter=SKLEARN_MAX_ITER
+        ),
+        problem.X,
+        problem.y,
+    )
+    zero = est.coef_ == 0
+    assert 0 < zero.sum() < len(zero)
+    oracle = least_squares_objective(
+        problem.X, problem.y, est.coef_, est.intercept_, l1=LASSO_ALPHA
+    )
+    fitted = fit(
+        dt.models.LinearRegression(l1=LASSO_ALPHA),
+        newton(),
+        problem.data,
+        epochs=NEWTON_MAX_EPOCHS,
+    )
+    w, b = fitted.params["w"], fitted.params["b"]
+    ours = least_squares_objective(problem.X, problem.y, w, b, l1=LASSO_ALPHA)
+    assert_objective_matches(ours, oracle, rtol=NEWTON_RTOL)
+    np.testing.assert_array_equal(w == 0, zero)
+
+
+def test_l1_logistic_newton_zero_pattern_matches_sklearn(
+    breast_cancer: Problem, fit: Any
+) -> None:
+    problem = breast_cancer
+    l1 = 0.02
+    est = sklearn_fit(
+        linear_model.LogisticRegression(
+            l1_ratio=1.0,
+            C=1.0 / (l1 * problem.n_rows),
+            solver="saga",
+            tol=SKLEARN_TOL,
+            max_iter=SKLEARN_MAX_ITER,
+        ),
+        problem.X,
+        problem.y,
+    )
+    coef = est.coef_.ravel()
+
+    def objective(w: np.ndarray, b: float) -> float:
+        return logistic_objective(problem.X, problem.y, w, b, l2=0.0) + l1 * float(
+            np.abs(w).sum()
+        )
+
+    oracle = objective(coef, float(est.intercept_[0]))
+    fitted = fit(
+        dt.models.LogisticRegression(l1=l1),
+        dt.optim.Newton(),
+        problem.data,
+        epochs=NEWTON_MAX_EPOCHS,
+    )
+    assert_newton_converged(fitted)
+    w, b = fitted.params["w"], fitted.params["b"]
+    assert_objective_matches(objective(w, float(b)), oracle, rtol=NEWTON_RTOL)
+    assert 0 < int((w == 0).sum()) < w.size
+    np.testing.assert_array_equal(w == 0, coef == 0)
+
+
+#: scikit-learn's GLM regressors, with the diabetes targets (25-346: positive
+#: counts-like values, far from exp(0) = 1 where the runs start).
+GLM_ALPHA = 1e-2
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "oracle_cls"),
+    [
+        pytest.param(
+            dt.models.PoissonRegression, linear_model.PoissonRegressor, id="poisson"
+        ),
+        pytest.param(
+            dt.models.GammaRegression, linear_model.GammaRegressor, id="gamma"
+        ),
+    ],
+)
+@pytest.mark.parametrize(
+    "optimizer", [dt.optim.Newton, dt.optim.LBFGS], ids=["newton", "lbfgs"]
+)
+def test_log_link_glms_match_sklearn(
+    diabetes: Problem, fit: Any, model_cls: Any, oracle_cls: Any, optimizer: Any
+) -> None:
+    problem = diabetes
+    est = sklearn_fit(
+        oracle_cls(
+            alpha=GLM_ALPHA, solver="newton-cholesky", tol=SKLEARN_TOL, max_iter=1000
+        ),
+        problem.X,
+        problem.y,
+    )
+    model = model_cls(l2=GLM_ALPHA)
+
+    def objective(w: Any, b: Any) -> float:
+        # The mean half deviance from scikit-learn's own formula, plus the
+        # penalty.
+        mu = np.exp(problem.X @ np.asarray(w) + float(b))
+        y = problem.y
+        if model_cls is dt.models.PoissonRegression:
+            half = y * np.log(y / mu) - y + mu
+        else:
+            half = y / mu - np.log(y / mu) - 1
+        return float(np.mean(half) + 0.5 * GLM_ALPHA * np.sum(np.square(w)))
+
+    oracle = objective(est.coef_, est.intercept_)
+    fitted = fit(model, optimizer(), problem.data, epochs=LBFGS_MAX_EPOCHS)
+    ours = objective(fitted.params["w"], fitted.params["b"])
+    assert_objective_matches(ours, oracle, rtol=NEWTON_RTOL)
+    assert fitted.final_objective == pytest.approx(ours, rel=HISTORY_RTOL)

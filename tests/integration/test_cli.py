@@ -160,3 +160,36 @@ def test_quickstart_small(tmp_path: Path, address: str) -> None:
     again = run(*args)
     assert again.returncode == 0, again.stderr
     assert "valid: loss" in again.stdout
+
+
+def test_train_defaults_to_newton_for_glms(tmp_path: Path, address: str) -> None:
+    """``--optimizer auto`` (the default): Newton for a Poisson GLM, L-BFGS
+    for an MLP; Newton for an MLP is a usage error."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(6_000, 4)).astype(np.float32)
+    y = rng.poisson(np.exp(1.0 + X @ np.array([0.3, -0.2, 0.1, 0.0]))).astype("float32")
+    data = tmp_path / "counts.zarr"
+    dt.Dataset.from_arrays(data, X=X, y=y, chunk_rows=1_000)
+    store = tmp_path / "poisson.zarr"
+    res = run(
+        "train", str(data), "--store", str(store), "--model", "poisson",
+        "--l2", "1e-3", "--epochs", "20", "--quiet", "--scheduler", address,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    meta = dt.ParamStore.open(store).meta
+    assert meta["optimizer"]["type"] == "Newton"
+    assert meta["model"]["type"] == "PoissonRegression"
+    assert meta["status"] == "converged" and len(meta["history"]) < 10
+    mlp = run(
+        "train", str(data), "--store", str(tmp_path / "mlp.zarr"), "--model", "mlp",
+        "--loss", "squared", "--epochs", "1", "--quiet", "--scheduler", address,
+    )  # fmt: skip
+    assert mlp.returncode == 0, mlp.stderr
+    assert (
+        dt.ParamStore.open(tmp_path / "mlp.zarr").meta["optimizer"]["type"] == "LBFGS"
+    )
+    bad = run(
+        "train", str(data), "--store", str(tmp_path / "bad.zarr"), "--model", "mlp",
+        "--optimizer", "newton", "--quiet", "--scheduler", address,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "newton needs a linear model" in bad.stderr

@@ -408,7 +408,7 @@ def test_bad_parameters_are_reported_by_fit() -> None:
     with pytest.raises(ValueError, match="C must be"):
         clf.fit(X, y)
     with pytest.raises(ValueError, match="solver"):
-        LogisticRegression(solver="newton").fit(X, y)
+        LogisticRegression(solver="saga").fit(X, y)
     with pytest.raises(ValueError, match="loss"):
         SGDClassifier(loss="hinge").fit(X, y)
     with pytest.raises(ValueError, match="activation"):
