@@ -13,6 +13,7 @@ __all__ = [
     "DataValidationError",
     "DivergenceError",
     "LabelError",
+    "MemoryBudgetError",
     "NonFiniteDataError",
     "StoreError",
     "StoreLockedError",
@@ -55,3 +56,8 @@ class ConfigMismatchError(DasktrainError, ValueError):
 class DivergenceError(DasktrainError, FloatingPointError):
     """Training produced a non-finite loss or gradient; the store keeps the last
     good version."""
+
+
+class MemoryBudgetError(DasktrainError, MemoryError):
+    """A fit cannot run within the workers' memory: a plan refused before it
+    starts, or workers that stay paused on memory dasktrain cannot release."""

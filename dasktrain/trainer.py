@@ -97,7 +97,10 @@ class Trainer:
     keep_versions:
         Committed versions kept in the store (older ones are deleted).
     cache_fraction:
-        Fraction of each worker's memory limit used to keep decoded chunks.
+        Cap on the decoded chunks each worker keeps, as a fraction of its
+        memory limit; ``None`` (the default): whatever the worker's memory
+        budget has room for (see "Memory" in the README); ``0`` disables the
+        cache.
     storage_options:
         fsspec options of a parameter store on an object store (credentials,
         endpoint...), used by the client and sent to the workers that read
@@ -126,7 +129,7 @@ class Trainer:
         client: Any = None,
         seed: int = 0,
         keep_versions: int = 3,
-        cache_fraction: float = DEFAULT_CACHE_FRACTION,
+        cache_fraction: float | None = DEFAULT_CACHE_FRACTION,
         sharded: bool | None = None,
         shard_rows: int | None = None,
         storage_options: Mapping[str, Any] | None = None,
@@ -157,13 +160,14 @@ class Trainer:
             )
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        if (
+        if cache_fraction is not None and (
             isinstance(cache_fraction, bool)
             or not isinstance(cache_fraction, int | float | np.integer | np.floating)
             or not 0.0 <= cache_fraction < 1.0
         ):
             raise ValueError(
-                f"cache_fraction must be a number in [0, 1), got {cache_fraction!r}"
+                "cache_fraction must be None or a number in [0, 1), "
+                f"got {cache_fraction!r}"
             )
         if sharded is not None and not isinstance(sharded, bool):
             raise TypeError(f"sharded must be True, False or None, got {sharded!r}")
@@ -209,7 +213,7 @@ class Trainer:
         store: str | os.PathLike[str],
         *,
         client: Any = None,
-        cache_fraction: float = DEFAULT_CACHE_FRACTION,
+        cache_fraction: float | None = DEFAULT_CACHE_FRACTION,
         storage_options: Mapping[str, Any] | None = None,
     ) -> Trainer:
         """A trainer for the run in ``store``, continuing from its last

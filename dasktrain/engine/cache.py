@@ -21,13 +21,21 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from distributed import WorkerPlugin, get_worker
 from distributed.system import MEMORY_LIMIT
+
+from dasktrain.engine.budget import (
+    BudgetPlugin,
+    MemoryBudget,
+    budget_of,
+    off_heap_copy,
+    worker_budget,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +47,10 @@ __all__ = [
     "worker_cache",
 ]
 
-#: Fraction of a worker's memory limit used for decoded chunks.  Dask pauses a
-#: worker at 80% of its limit and counts the cache as unmanaged memory; 35%
-#: leaves room for the task's temporaries and Dask's own memory.
-DEFAULT_CACHE_FRACTION = 0.35
+#: Cap on the decoded-chunk cache as a fraction of a worker's memory limit;
+#: ``None``: the cache takes what the worker's memory budget has room for
+#: (see :mod:`dasktrain.engine.budget`).
+DEFAULT_CACHE_FRACTION: float | None = None
 PLUGIN_NAME = "dasktrain-cache"
 
 
@@ -67,10 +75,32 @@ class CacheStats:
 
 
 class ChunkCache:
-    """A thread-safe LRU of numpy arrays bounded by total bytes."""
+    """A thread-safe LRU of decoded chunks bounded by total bytes.
 
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = max(0, int(budget_bytes))
+    Either a fixed ``budget_bytes``, or a share of a worker's
+    :class:`~dasktrain.engine.budget.MemoryBudget` (``budget=``): then the
+    cache may hold what the budget has room for besides its other consumers,
+    it registers itself as the budget's ``"chunks"`` consumer (the budget
+    evicts from it when the process nears its ceiling), and admitted chunks
+    are copied into their own memory maps so that evicting one returns its
+    memory to the system.
+    """
+
+    NAME = "chunks"
+
+    def __init__(
+        self,
+        budget_bytes: int | None = None,
+        *,
+        budget: MemoryBudget | None = None,
+        cap_bytes: int | None = None,
+    ) -> None:
+        if (budget_bytes is None) == (budget is None):
+            raise ValueError("give exactly one of budget_bytes and budget")
+        self._fixed = None if budget_bytes is None else max(0, int(budget_bytes))
+        self.budget = budget
+        #: With a budget: at most this many bytes whatever the room.
+        self.cap_bytes = cap_bytes
         self._data: OrderedDict[Hashable, Any] = OrderedDict()
         self._sizes: dict[Hashable, int] = {}
         self._groups: dict[Hashable, Hashable] = {}
@@ -79,6 +109,27 @@ class ChunkCache:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        if budget is not None:
+            budget.register(self.NAME, self)
+
+    @property
+    def budget_bytes(self) -> int:
+        """Bytes the cache may hold now."""
+        if self.budget is not None:
+            room = self.budget.room_for(self.NAME)
+            return room if self.cap_bytes is None else min(room, self.cap_bytes)
+        assert self._fixed is not None
+        return self._fixed
+
+    @budget_bytes.setter
+    def budget_bytes(self, value: int) -> None:
+        if self.budget is not None:
+            raise AttributeError("a cache on a memory budget has no fixed size")
+        self._fixed = max(0, int(value))
+
+    @property
+    def held_bytes(self) -> int:
+        return self._n_bytes
 
     def __contains__(self, key: Hashable) -> bool:
         """Membership, without counting a hit or a miss or touching recency."""
@@ -95,30 +146,70 @@ class ChunkCache:
             self.hits += 1
             return value
 
+    def _room(self, n_bytes: int, group: Hashable, budget_bytes: int) -> bool:
+        """Whether ``n_bytes`` fit once other groups' entries are evicted."""
+        others = sum(s for k, s in self._sizes.items() if self._groups[k] != group)
+        return self._n_bytes - others + n_bytes <= budget_bytes
+
     def put(
-        self, key: Hashable, value: Any, n_bytes: int, *, group: Hashable = None
+        self,
+        key: Hashable,
+        value: Any,
+        n_bytes: int,
+        *,
+        group: Hashable = None,
+        prepare: Callable[[Any], Any] | None = None,
     ) -> bool:
         """Insert; returns False if the value was not admitted (larger than the
-        budget, or room would have to be taken from its own group)."""
-        if n_bytes > self.budget_bytes:
+        budget, or room would have to be taken from its own group).
+
+        ``prepare(value)``, if given, makes the value that is stored (e.g. an
+        off-heap copy); it is called only for a value that will be admitted.
+        """
+        budget_bytes = self.budget_bytes
+        if n_bytes > budget_bytes:
             return False
+        if prepare is not None:
+            with self._lock:
+                if key not in self._data and not self._room(
+                    n_bytes, group, budget_bytes
+                ):
+                    return False
+            value = prepare(value)  # outside the lock: a copy of a chunk
         with self._lock:
             if key in self._data:
                 self._drop(key)
-            if self._n_bytes + n_bytes > self.budget_bytes:
+            if self._n_bytes + n_bytes > budget_bytes:
                 # Free room from other groups, least recently used first.
                 for old in [k for k in self._data if self._groups[k] != group]:
-                    if self._n_bytes + n_bytes <= self.budget_bytes:
+                    if self._n_bytes + n_bytes <= budget_bytes:
                         break
-                    self._drop(old)
-                    self.evictions += 1
-            if self._n_bytes + n_bytes > self.budget_bytes:
+                    self._evict(old)
+            if self._n_bytes + n_bytes > budget_bytes:
                 return False
             self._data[key] = value
             self._sizes[key] = n_bytes
             self._groups[key] = group
             self._n_bytes += n_bytes
             return True
+
+    def shrink_to(self, n_bytes: int) -> int:
+        """Evict least recently used entries (any group) until at most
+        ``n_bytes`` are held; returns the bytes freed."""
+        freed = 0
+        with self._lock:
+            while self._data and self._n_bytes > n_bytes:
+                key = next(iter(self._data))
+                freed += self._sizes[key]
+                self._evict(key)
+        return freed
+
+    def _evict(self, key: Hashable) -> None:
+        size = self._sizes[key]
+        self._drop(key)
+        self.evictions += 1
+        if self.budget is not None:
+            self.budget.note_eviction(size)
 
     def _drop(self, key: Hashable) -> None:
         del self._data[key]
@@ -133,20 +224,21 @@ class ChunkCache:
             self._n_bytes = 0
 
     def stats(self) -> CacheStats:
+        budget_bytes = self.budget_bytes
         with self._lock:
             return CacheStats(
                 self.hits,
                 self.misses,
                 self.evictions,
                 self._n_bytes,
-                self.budget_bytes,
+                budget_bytes,
                 len(self._data),
             )
 
 
 def budget_for(memory_limit: int | None, fraction: float) -> int:
-    """Cache budget for a worker with this memory limit (``None``/0 = unlimited:
-    then a fraction of the machine's memory shared by its cores)."""
+    """``fraction`` of a worker's memory limit (``None``/0 = unlimited: then
+    the machine's memory shared by its cores)."""
     if not memory_limit:
         import os
 
@@ -162,45 +254,65 @@ _WORKER_CACHES_LOCK = threading.Lock()
 
 
 class CachePlugin(WorkerPlugin):
-    """Gives each worker a :class:`ChunkCache` sized from its memory limit.
+    """Gives each worker its :class:`~dasktrain.engine.budget.MemoryBudget`
+    (with the memory watcher) and a :class:`ChunkCache` drawing from it.
 
-    Registering the plugin again (from any client) keeps the worker's cached
-    chunks; only the budget follows the newest registration (shrinking it
-    evicts on the next insert).
+    ``fraction`` caps the cache at that fraction of the worker's memory limit
+    (``None``: whatever the budget has room for).  Registering the plugin
+    again (from any client) keeps the worker's cached chunks; only the cap
+    follows the newest registration (shrinking it evicts on the next insert).
     """
 
     name = PLUGIN_NAME
 
-    def __init__(self, fraction: float = DEFAULT_CACHE_FRACTION) -> None:
-        if not 0.0 <= fraction < 1.0:
+    def __init__(self, fraction: float | None = DEFAULT_CACHE_FRACTION) -> None:
+        if fraction is not None and not 0.0 <= fraction < 1.0:
             raise ValueError(f"cache fraction must be in [0, 1), got {fraction}")
         self.fraction = fraction
         self.cache: ChunkCache | None = None
+        self._watcher = BudgetPlugin()
 
     def setup(self, worker: Any) -> None:
-        tune_malloc()
-        limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
-        budget = budget_for(limit, self.fraction)
+        budget = budget_of(worker)
+        tune_malloc(budget.limits.limit)
+        self._watcher.setup(worker)
+        cap = (
+            None
+            if self.fraction is None
+            else budget_for(budget.limits.limit, self.fraction)
+        )
         with _WORKER_CACHES_LOCK:
             cache = _WORKER_CACHES.get(id(worker))
             if cache is None:
-                cache = _WORKER_CACHES[id(worker)] = ChunkCache(budget)
+                cache = _WORKER_CACHES[id(worker)] = ChunkCache(
+                    budget=budget, cap_bytes=cap
+                )
             else:
-                cache.budget_bytes = budget
+                cache.cap_bytes = cap
         self.cache = cache
-        logger.debug("worker %s: chunk cache of %d bytes", worker.address, budget)
+        logger.debug(
+            "worker %s: chunk cache of up to %s bytes under a ceiling of %d",
+            worker.address,
+            "the budget's" if cap is None else cap,
+            budget.ceiling,
+        )
 
     def teardown(self, worker: Any) -> None:
         # Replaced by a new registration: the cache stays with the worker.
+        self._watcher.teardown(worker)
         self.cache = None
 
 
 #: glibc ``mallopt`` parameters (malloc.h) and the values set on workers.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MALLOC_REUSE_BYTES = 64 << 20
+#: Free heap kept for reuse is at most the memory limit over this, and at
+#: least :data:`MALLOC_KEEP_MIN_BYTES`.
+MALLOC_KEEP_LIMIT_DIVISOR = 32
+MALLOC_KEEP_MIN_BYTES = 8 << 20
 
 
-def tune_malloc() -> bool:
+def tune_malloc(memory_limit: int | None = None) -> bool:
     """Let this process reuse freed decode buffers (glibc only).
 
     Dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also
@@ -209,16 +321,23 @@ def tune_malloc() -> bool:
     touch and unmapped on free (``benchmarks/epoch_throughput.py``: decoding
     is 2.8x slower in such a process).  Buffers below
     :data:`MALLOC_REUSE_BYTES` come from the heap instead, and up to that much
-    free memory at its top is kept for reuse.  Returns whether the settings
-    were applied.
+    free memory at its top is kept for reuse -- less on a worker whose
+    ``memory_limit`` is small (``1/``:data:`MALLOC_KEEP_LIMIT_DIVISOR` of it),
+    where retained free memory would eat the budget.  Returns whether the
+    settings were applied.
     """
+    keep = MALLOC_REUSE_BYTES
+    if memory_limit:
+        keep = max(
+            MALLOC_KEEP_MIN_BYTES, min(keep, memory_limit // MALLOC_KEEP_LIMIT_DIVISOR)
+        )
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
         return bool(
             libc.mallopt(M_MMAP_THRESHOLD, MALLOC_REUSE_BYTES)
-            and libc.mallopt(M_TRIM_THRESHOLD, MALLOC_REUSE_BYTES)
+            and libc.mallopt(M_TRIM_THRESHOLD, keep)
         )
     except (OSError, AttributeError):
         return False
@@ -245,11 +364,19 @@ def worker_cache() -> ChunkCache:
             return plugin.cache
     with _FALLBACK_LOCK:
         if _FALLBACK is None:
-            limit = None
-            if worker is not None:
-                limit = getattr(worker.memory_manager, "memory_limit", None)
-            _FALLBACK = ChunkCache(budget_for(limit, DEFAULT_CACHE_FRACTION))
+            budget = budget_of(worker) if worker is not None else worker_budget()
+            _FALLBACK = ChunkCache(budget=budget)
         return _FALLBACK
+
+
+def off_heap_chunk(value: Any) -> Any:
+    """An off-heap copy of a decoded chunk (anything with ``arrays`` and
+    ``valid``, as :class:`~dasktrain.engine.tasks.LoadedChunk`) for the cache."""
+    import dataclasses
+
+    arrays = {name: off_heap_copy(a) for name, a in value.arrays.items()}
+    valid = None if value.valid is None else off_heap_copy(value.valid)
+    return dataclasses.replace(value, arrays=arrays, valid=valid)
 
 
 def array_nbytes(arrays: dict[str, np.ndarray]) -> int:

@@ -26,12 +26,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import dask.config
 import numpy as np
+from dask.utils import parse_timedelta
 from distributed import Client, Future
 from distributed.client import FutureCancelledError, FuturesCancelledError
 from distributed.comm.core import CommClosedError
 
 from dasktrain.data.io import DatasetRef
+from dasktrain.engine.budget import (
+    MemoryPlan,
+    budget_of,
+    refuse_unfit_plan,
+    worker_memory_report,
+)
 from dasktrain.engine.cache import DEFAULT_CACHE_FRACTION, CachePlugin
 from dasktrain.engine.plan import Piece, assign_pieces, chunk_owners
 from dasktrain.engine.tasks import (
@@ -42,6 +50,7 @@ from dasktrain.engine.tasks import (
     local_sgd_leaves,
     unpack_candidates,
 )
+from dasktrain.errors import MemoryBudgetError
 from dasktrain.models.base import Model
 from dasktrain.optim.base import Optimizer
 from dasktrain.partial import Node, Partial, tree_reduce
@@ -79,6 +88,11 @@ GATHER_TIMEOUT_SECONDS = 10.0
 #: Pause before running such a pass again (times the attempt number), so the
 #: scheduler has noticed the death.
 LOST_WORKER_PAUSE_SECONDS = 0.5
+#: How long a fit waits for a worker to resume when every worker is paused
+#: (Dask config ``dasktrain.memory.pause-timeout``), and how often it looks.
+PAUSE_TIMEOUT_KEY = "dasktrain.memory.pause-timeout"
+DEFAULT_PAUSE_TIMEOUT_SECONDS = 10.0
+PAUSE_POLL_SECONDS = 0.25
 
 
 class PassStalledError(RuntimeError):
@@ -122,6 +136,13 @@ class PassResult:
         return sum(r.cache_misses for r in self.reports)
 
 
+def _declare_plan(plan: MemoryPlan, dask_worker: Any) -> None:
+    """Size ``dask_worker``'s budget for a new fit's plan (``Client.run``)."""
+    budget = budget_of(dask_worker)
+    budget.reset_learned()
+    budget.declare_working_set(int(dask_worker.state.nthreads) * plan.per_thread())
+
+
 class Engine:
     """Runs passes over stored data on a Dask cluster.
 
@@ -130,12 +151,13 @@ class Engine:
     client:
         A connected :class:`distributed.Client`.
     cache_fraction:
-        Fraction of each worker's memory limit used to keep decoded chunks
-        (0 disables the cache).
+        Cap on each worker's decoded-chunk cache as a fraction of its memory
+        limit (``None``: what the worker's memory budget has room for; 0
+        disables the cache).
     """
 
     def __init__(
-        self, client: Client, *, cache_fraction: float = DEFAULT_CACHE_FRACTION
+        self, client: Client, *, cache_fraction: float | None = DEFAULT_CACHE_FRACTION
     ) -> None:
         self.client = client
         self.cache_fraction = cache_fraction
@@ -159,6 +181,7 @@ class Engine:
 
     def workers(self, *, refresh: bool = False) -> list[WorkerInfo]:
         now = time.monotonic()
+        paused: list[str] = []
         if (
             refresh
             or not self._workers
@@ -173,6 +196,11 @@ class Engine:
                 for addr, w in identity.get("workers", {}).items()
                 if w.get("status", "running") == "running"
             }
+            paused = [
+                addr
+                for addr, w in identity.get("workers", {}).items()
+                if w.get("status") == "paused"
+            ]
             self._workers = sorted(
                 (
                     WorkerInfo(
@@ -186,6 +214,9 @@ class Engine:
                 key=lambda w: w.name,
             )
             self._workers_at = now
+        if not self._workers and paused:
+            self._wait_for_paused(paused)
+            return self.workers(refresh=True)
         if not self._workers:
             # Workers may be restarting (a killed worker, a cluster scaling):
             # wait for one rather than fail the fit.  Sync point.
@@ -198,6 +229,66 @@ class Engine:
                 ) from exc
             return self.workers(refresh=True)
         return self._workers
+
+    # -- memory ------------------------------------------------------------------
+    def memory_reports(
+        self, workers: Sequence[str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Each worker's memory budget (:func:`worker_memory_report`); paused
+        workers answer too.  Sync point: one ``Client.run``."""
+        return self.client.run(
+            worker_memory_report, workers=None if workers is None else list(workers)
+        )
+
+    def check_memory(self, plan: MemoryPlan) -> None:
+        """Refuse ``plan`` before any work if a worker cannot hold it
+        (:func:`refuse_unfit_plan`), and size each worker's budget for it."""
+        self.client.run(_declare_plan, plan)  # sync point
+        refuse_unfit_plan(plan, self.memory_reports())
+
+    def _wait_for_paused(self, paused: Sequence[str]) -> None:
+        """Every worker is paused: dasktrain's budgets drop what they keep at
+        the pause, so a worker paused by dasktrain's memory resumes within a
+        moment.  Wait up to ``dasktrain.memory.pause-timeout`` for one to
+        resume; then say plainly what holds the memory."""
+        timeout = parse_timedelta(
+            dask.config.get(PAUSE_TIMEOUT_KEY, DEFAULT_PAUSE_TIMEOUT_SECONDS),
+            default="s",
+        )
+        deadline = time.monotonic() + float(timeout or 0.0)
+        while time.monotonic() < deadline:
+            time.sleep(PAUSE_POLL_SECONDS)
+            # Sync point: the scheduler's view of the workers' states.
+            identity = self.client.sync(self._scheduler().identity, n_workers=-1)
+            states = [w.get("status") for w in identity.get("workers", {}).values()]
+            if "running" in states or not states:
+                return
+        try:
+            reports = self.memory_reports(list(paused))
+        except Exception:  # the workers left meanwhile: waited for as usual
+            return
+        lines = []
+        for address, r in sorted(reports.items()):
+            if r.get("status") != "paused":
+                return  # resumed while being asked
+            limit = int(r["limits"]["limit"])
+            need = int(r["baseline_rss"]) + int(r["working_set"])
+            fits = need / max(1e-9, int(r["limits"]["ceiling"]) / limit)
+            lines.append(
+                f"worker {address}: {r['rss'] / 2**20:.0f} MiB of its "
+                f"{limit / 2**20:.0f} MiB limit, of which dasktrain keeps "
+                f"{r['held'] / 2**20:.0f} MiB (it dropped its caches at the "
+                f"pause); {(r['rss'] - r['held']) / 2**20:.0f} MiB are held by "
+                f"the process outside dasktrain's budget (its own start-up "
+                f"{r['baseline_rss'] / 2**20:.0f} MiB, task data, other "
+                f"libraries); this fit needs about {need / 2**20:.0f} MiB, "
+                f"which fits a limit of {fits / 2**20:.0f} MiB or more"
+            )
+        raise MemoryBudgetError(
+            f"every worker of {self.client} has been paused by Dask for "
+            f"{float(timeout or 0.0):.0f} s on memory that dasktrain cannot "
+            f"release:\n  " + "\n  ".join(lines)
+        )
 
     def _owners_for(self, ref: DatasetRef, chunk_ids: Sequence[int]) -> dict[int, str]:
         names = tuple(w.name for w in self.workers())

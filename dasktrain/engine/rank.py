@@ -68,9 +68,11 @@ from dasktrain.engine.tasks import (
     _read_checked,
     _reader,
     _settle,
+    chunk_nbytes,
     load_chunk,
     local_average,
     prefetch_enabled,
+    worker_threads,
 )
 from dasktrain.models.base import Model
 from dasktrain.objective import NonFiniteStep, all_finite, step_objective
@@ -769,6 +771,14 @@ class _StepProgram(_Program):
         rows = spec.rows_of()
         spans = stream_spans(spec.chunk_ids, rows.__getitem__, spec.n_streams)
         epoch_len = spec.epoch_steps()
+        if self.prefetch and self.cache is not None and self.cache.budget is not None:
+            # Each stream holds its span's chunk; read ahead only where the
+            # worker's budget has room for that and a second read.
+            self.prefetch = self.cache.budget.fits_read_ahead(
+                chunk_nbytes(spec.ref, spec.model.fields),
+                worker_threads(),
+                held_per_thread=len(self.own),
+            )
         self.readers = {
             k: _SpanReader(
                 StreamWalk(

@@ -16,10 +16,11 @@ from typing import Any
 
 import dask.config
 import numpy as np
+from distributed import get_worker
 
 from dasktrain._tree import global_norm
 from dasktrain.data.io import DatasetRef, check_finite, read_chunk
-from dasktrain.engine.cache import ChunkCache, worker_cache
+from dasktrain.engine.cache import ChunkCache, off_heap_chunk, worker_cache
 from dasktrain.engine.plan import Piece, row_permutation
 from dasktrain.errors import LabelError
 from dasktrain.models.base import Model
@@ -101,6 +102,27 @@ def _finite_rows(arr: np.ndarray) -> np.ndarray:
     return ok.reshape(ok.shape[0], -1).all(axis=1) if ok.ndim > 1 else ok
 
 
+def chunk_nbytes(ref: DatasetRef, fields: Sequence[str]) -> int:
+    """Decoded bytes of one full chunk of ``fields``."""
+    total = 0
+    for name in fields:
+        info = ref.field(name)
+        total += (
+            ref.chunk_rows
+            * int(np.prod(info.shape, dtype=np.int64))
+            * (np.dtype(info.dtype).itemsize)
+        )
+    return int(total)
+
+
+def worker_threads() -> int:
+    """Threads of the worker running this task (1 outside a worker)."""
+    try:
+        return int(get_worker().state.nthreads)
+    except (ValueError, AttributeError):
+        return 1
+
+
 def _chunk_key(
     ref: DatasetRef, fields: Sequence[str], chunk_id: int, nonfinite: str
 ) -> tuple[Any, ...]:
@@ -159,6 +181,7 @@ def _admit(
             loaded,
             loaded.nbytes,
             group=(ref.url, ref.uuid),
+            prepare=off_heap_chunk if cache.budget is not None else None,
         )
 
 
@@ -325,6 +348,11 @@ class _ChunkStream:
         self._chunk_ids = [int(c) for c in chunk_ids]
         self._nonfinite = nonfinite
         self._cache = cache
+        if prefetch and cache is not None and cache.budget is not None:
+            # Read ahead only where the budget has room for a second read.
+            prefetch = cache.budget.fits_read_ahead(
+                chunk_nbytes(ref, fields), worker_threads()
+            )
         self._prefetch = prefetch
         # _following[i]: the first chunk after position i that differs from
         # chunk_ids[i] (None at the end).

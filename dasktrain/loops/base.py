@@ -29,8 +29,10 @@ import numpy as np
 
 from dasktrain.callbacks import Callback
 from dasktrain.data import Dataset
+from dasktrain.engine.budget import MemoryPlan
 from dasktrain.engine.engine import Engine, PassResult
 from dasktrain.engine.plan import full_pass
+from dasktrain.engine.tasks import chunk_nbytes
 from dasktrain.errors import DivergenceError
 from dasktrain.history import History
 from dasktrain.models.base import Model
@@ -156,7 +158,11 @@ class FitLoop:
     # -- the loop ----------------------------------------------------------------
     def fit(self) -> None:
         """Run the loop; on an error or Ctrl-C, keep the steps done since the
-        last checkpoint (``run`` only ever holds checked, finite states)."""
+        last checkpoint (``run`` only ever holds checked, finite states).
+
+        A plan that cannot fit in a worker's memory is refused first, before
+        any work (:class:`~dasktrain.errors.MemoryBudgetError`)."""
+        self.engine.check_memory(self.memory_plan())
         try:
             self.loop()
         finally:
@@ -165,6 +171,23 @@ class FitLoop:
 
     def loop(self) -> None:
         raise NotImplementedError
+
+    # -- memory ------------------------------------------------------------------
+    def held_chunks_per_thread(self) -> int:
+        """Decoded chunks a task thread holds besides the one it reads."""
+        return 0
+
+    def memory_plan(self) -> MemoryPlan:
+        """What each task thread of this fit needs in memory at least."""
+        dense = sum(int(a.nbytes) for a in self.run.params.values())
+        state = sum(int(a.nbytes) for a in self.run.opt_state.values())
+        return MemoryPlan(
+            chunk_bytes=chunk_nbytes(self.data.ref, self.model.fields),
+            held_chunks=self.held_chunks_per_thread(),
+            # parameters, gradients and optimizer state, as a rank holds them
+            state_bytes=2 * dense + state,
+            what=f"training {type(self.model).__name__} on {self.data.path}",
+        )
 
     @property
     def stop_training(self) -> bool:

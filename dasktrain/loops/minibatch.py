@@ -15,6 +15,7 @@ start state, to the same bits.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -58,6 +59,14 @@ class MinibatchLoop(FitLoop):
 
     def steps_per_epoch(self) -> int:
         return self._epoch_len(0)
+
+    def held_chunks_per_thread(self) -> int:
+        if self.local:
+            return 0
+        # Each stream holds its span's chunk; streams map onto ranks (one
+        # per worker thread) contiguously.
+        threads = sum(w.nthreads for w in self.engine.workers()) or 1
+        return math.ceil(self.n_streams / threads)
 
     def _epoch_len(self, epoch: int) -> int:
         if not self.local:

@@ -43,7 +43,7 @@ FIT_ARGS: dict[str, tuple[list[Any], list[Any]]] = {
 INIT_ARGS: dict[str, tuple[list[Any], list[Any]]] = {
     "keep_versions": ([3], [0, -1]),
     "seed": ([0, 7], [None, "seed", 1.5, -1]),
-    "cache_fraction": ([0.25], [-0.1, 1.5, "half", None]),
+    "cache_fraction": ([0.25, None], [-0.1, 1.5, "half"]),
     "sharded": ([None, False], [True]),  # True: this model has no tables
     "shard_rows": ([None], [0, -3, 2.5, "many"]),
 }

@@ -169,15 +169,15 @@ def _leaves_on_a_worker(ref: Any, fields: tuple[str, ...]) -> dict[str, Any]:
         return ahead, report, float(root.grads["sum"].sum())
 
     cache = worker_cache()
-    budget = cache.budget_bytes
+    cap = cache.cap_bytes
     out: dict[str, Any] = {}
     try:
-        cache.budget_bytes = 0  # nothing is cached: every run reads
+        cache.cap_bytes = 0  # nothing is cached: every run reads
         out["streaming-on"] = run(True)
         out["peak"] = prefetch_gauge().peak
         out["streaming-off"] = run(False)
     finally:
-        cache.budget_bytes = budget
+        cache.cap_bytes = cap
     out["cold"] = run(True)
     out["warm"] = run(True)
     out["after"] = prefetch_gauge()

@@ -1,0 +1,249 @@
+"""One memory budget per worker: out-of-core fits under tight real memory
+limits, plans refused before they start, workers paused by others' memory.
+
+The store is generated once for the module: 8,000,000 x 100 float32 (3.2 GB
+decoded, 26 MB chunks), more than 3x the memory of two 512 MiB workers and 4x
+that of two 384 MiB workers.  Each limit gets its own process cluster; the
+reference runs on 4 GiB workers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import pytest
+from distributed import Client
+
+import dasktrain as dt
+from dasktrain.engine.budget import (
+    MemoryBudget,
+    MemoryLimits,
+    MemoryPlan,
+    budget_of,
+    off_heap_copy,
+    refuse_unfit_plan,
+)
+from dasktrain.engine.cache import ChunkCache
+from dasktrain.errors import MemoryBudgetError
+from dasktrain.params import ParamStore
+from tests.conftest import local_cluster
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+MiB = 2**20
+N_ROWS = 8_000_000
+N_FEATURES = 100
+MINIBATCH_ROWS = 1024
+
+
+# -- pure parts ------------------------------------------------------------------
+def test_ceiling_and_capacity_follow_the_limit_and_thresholds() -> None:
+    limits = MemoryLimits(1024 * MiB, 0.6, 0.7, 0.8, 0.95)
+    budget = MemoryBudget(limits, baseline_rss=100 * MiB)
+    assert budget.ceiling == int(1024 * MiB * 0.65)
+    assert budget.capacity == budget.ceiling - 100 * MiB
+    budget.declare_working_set(50 * MiB)
+    assert budget.capacity == budget.ceiling - 150 * MiB
+    # Measured memory above the estimate shrinks the room...
+    budget.observe(rss=400 * MiB)
+    assert budget.capacity == budget.ceiling - 400 * MiB
+    # ...and thresholds switched off fall back to a fixed ceiling.
+    off = MemoryLimits(1024 * MiB, None, False or None, None, None)
+    assert 0 < off.ceiling < 1024 * MiB
+
+
+def test_cache_on_a_budget_is_evicted_when_the_process_nears_its_ceiling() -> None:
+    limits = MemoryLimits(1000 * MiB, 0.6, 0.7, 0.8, 0.95)
+    budget = MemoryBudget(limits, baseline_rss=100 * MiB)
+    cache = ChunkCache(budget=budget)
+    chunk = np.ones(10 * MiB // 8)
+    for key in range(20):
+        assert cache.put(key, off_heap_copy(chunk), chunk.nbytes, group=key)
+    assert cache.held_bytes == 20 * chunk.nbytes
+    # The process grew by 400 MiB outside the cache: the cache must give
+    # room back at once.
+    budget.observe(rss=100 * MiB + cache.held_bytes + 400 * MiB)
+    assert cache.held_bytes <= budget.capacity
+    assert budget.stats().evictions > 0
+    # A paused worker drops everything.
+    budget.observe(rss=900 * MiB, paused=True)
+    assert cache.held_bytes == 0 and budget.stats().pauses == 1
+
+
+def test_off_heap_copy_is_equal_and_independent() -> None:
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    b = off_heap_copy(a)
+    assert b.dtype == a.dtype and np.array_equal(a, b)
+    a[0, 0] = 99
+    assert b[0, 0] == 0
+
+
+def test_a_plan_too_large_for_a_worker_is_refused_with_the_numbers() -> None:
+    report = {
+        "limits": MemoryLimits(256 * MiB, 0.6, 0.7, 0.8, 0.95).to_dict(),
+        "baseline_rss": 75 * MiB,
+        "nthreads": 2,
+    }
+    plan = MemoryPlan(chunk_bytes=40 * MiB, what="training LogisticRegression")
+    with pytest.raises(MemoryBudgetError) as info:
+        refuse_unfit_plan(plan, {"tcp://w1": report})
+    message = str(info.value)
+    assert "tcp://w1" in message and "256 MiB" in message
+    assert "Give workers at least" in message
+    # 75 + 2 x 3 x 40 = 315 MiB, kept under 65%: at least 485 MiB.
+    assert "485 MiB" in message
+    refuse_unfit_plan(MemoryPlan(chunk_bytes=4 * MiB), {"tcp://w1": report})
+
+
+# -- real clusters -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory: pytest.TempPathFactory, client: Client) -> dt.Dataset:
+    path = tmp_path_factory.mktemp("budget") / "big.zarr"
+    return dt.datasets.make_classification(
+        path,
+        n_rows=N_ROWS,
+        n_features=N_FEATURES,
+        seed=3,
+        client=client,
+        progress=False,
+    )
+
+
+def _fit(
+    client: Client, data: dt.Dataset, store: Path, *, batch_rows: int | None
+) -> dict[str, np.ndarray]:
+    with dt.Trainer(
+        dt.models.LogisticRegression(l2=1e-4),
+        dt.optim.Adam(learning_rate=0.05),
+        store=store,
+        client=client,
+    ) as trainer:
+        trainer.fit(
+            data,
+            epochs=2 if batch_rows is None else 1,
+            batch_rows=batch_rows,
+            progress=False,
+        )
+        return {k: np.asarray(v) for k, v in trainer.params.items()}
+
+
+def _memory(dask_worker: Any) -> dict[str, Any]:
+    stats = budget_of(dask_worker).stats().to_dict()
+    stats["pid"] = os.getpid()
+    total = getattr(dask_worker.data, "spilled_total", None)
+    stats["spilled"] = int(getattr(total, "disk", 0) or 0)
+    stats["spill_fraction"] = dask.config.get("distributed.worker.memory.spill")
+    return stats
+
+
+@pytest.fixture(scope="module")
+def reference(
+    big_store: dt.Dataset, client: Client, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, np.ndarray]]:
+    out = tmp_path_factory.mktemp("reference")
+    return {
+        kind: _fit(client, big_store, out / f"{kind}.zarr", batch_rows=rows)
+        for kind, rows in (("full", None), ("minibatch", MINIBATCH_ROWS))
+    }
+
+
+@pytest.mark.parametrize("limit", ["384MiB", "512MiB"])
+def test_out_of_core_fits_never_pause_spill_or_restart(
+    limit: str,
+    big_store: dt.Dataset,
+    reference: dict[str, dict[str, np.ndarray]],
+    tmp_path: Path,
+) -> None:
+    with local_cluster(2, memory_limit=limit) as small:
+        total = sum(
+            w["memory_limit"] for w in small.scheduler_info()["workers"].values()
+        )
+        assert big_store.nbytes > 3 * total
+        pids = small.run(os.getpid)
+        for kind, rows in (("full", None), ("minibatch", MINIBATCH_ROWS)):
+            params = _fit(small, big_store, tmp_path / f"{kind}.zarr", batch_rows=rows)
+            for name, value in reference[kind].items():
+                assert np.array_equal(params[name], value), (kind, name)
+        stats = small.run(_memory)
+    assert {a: s["pid"] for a, s in stats.items()} == pids  # no restarts
+    for address, s in stats.items():
+        spill = s["spill_fraction"] * s["limit"]
+        assert s["pauses"] == 0, address
+        assert s["spilled"] == 0, address
+        assert s["peak_rss"] < spill, (address, s["peak_rss"] / MiB, spill / MiB)
+
+
+def test_a_chunk_too_large_for_the_workers_is_refused_before_any_work(
+    tmp_path: Path,
+) -> None:
+    X = np.random.default_rng(0).normal(size=(200_000, 100)).astype("float32")
+    data = dt.Dataset.from_arrays(
+        tmp_path / "wide.zarr",
+        X=X,
+        y=(X[:, 0] > 0).astype("int8"),
+        chunk_rows=200_000,
+    )  # one 80 MB chunk: reading it needs about 240 MB
+    with local_cluster(1, memory_limit="256MiB") as small:
+        trainer = dt.Trainer(
+            dt.models.LogisticRegression(),
+            dt.optim.LBFGS(),
+            store=tmp_path / "r.zarr",
+            client=small,
+        )
+        t0 = time.monotonic()
+        with pytest.raises(
+            MemoryBudgetError, match="cannot fit in the memory of worker"
+        ):
+            trainer.fit(data, epochs=1, progress=False)
+        assert time.monotonic() - t0 < 30
+        trainer.close()
+    # Refused before any work: no version was committed.
+    if (tmp_path / "r.zarr").exists():
+        assert ParamStore.open(tmp_path / "r.zarr").committed is None
+
+
+def _hold(n_bytes: int, seconds: float) -> int:
+    """A task that holds memory outside dasktrain (and touches it)."""
+    block = np.ones(n_bytes // 8)
+    time.sleep(seconds)
+    return int(block[-1])
+
+
+def test_workers_paused_by_memory_outside_dasktrain_give_a_plain_error(
+    tmp_path: Path,
+) -> None:
+    X = np.random.default_rng(0).normal(size=(40_000, 10)).astype("float32")
+    data = dt.Dataset.from_arrays(
+        tmp_path / "d.zarr", X=X, y=(X[:, 0] > 0).astype("int8"), chunk_rows=4_000
+    )
+    with (
+        dask.config.set({"dasktrain.memory.pause-timeout": "3s"}),
+        local_cluster(1, memory_limit="384MiB") as small,
+    ):
+        trainer = dt.Trainer(
+            dt.models.LogisticRegression(),
+            dt.optim.Adam(0.1),
+            store=tmp_path / "r.zarr",
+            client=small,
+        )
+        # 75 MiB of process + 260 MiB: past the pause threshold (307 MiB),
+        # short of the nanny's 95% (365 MiB).
+        holder = small.submit(_hold, 260 * MiB, 60, pure=False)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = {w["status"] for w in small.scheduler_info()["workers"].values()}
+            if status == {"paused"}:
+                break
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        with pytest.raises(MemoryBudgetError, match="paused") as info:
+            trainer.fit(data, epochs=2, batch_rows=4_000, progress=False)
+        assert time.monotonic() - t0 < 30
+        assert "outside dasktrain" in str(info.value)
+        holder.cancel()
+        trainer.close()
