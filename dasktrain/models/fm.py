@@ -24,7 +24,10 @@ from dasktrain.models.sparse import (
     TableSpec,
     _check_dtype,
     _check_field,
+    check_regularization,
+    finite_float,
     segment_sum,
+    table_penalty,
 )
 from dasktrain.partial import Grad, Partial, RowSparse
 from dasktrain.schema import Schema
@@ -64,14 +67,15 @@ class FactorizationMachine(SparseModel):
     computed as ``0.5 * (||s||^2 - sum_j x_j^2 ||e[r_j]||^2)`` with ``s =
     sum_j x_j e[r_j]`` (linear in ``f``).  The model minimizes::
 
-        mean over rows of loss(y, z)
-            + (l2 / 2) sum_j ||e[r_j]||^2 + (l2_linear / 2) sum_j c[r_j]^2
-        + (l2_linear / 2) ||w||^2
+        mean over rows of loss(y, z)  +  penalty / n  +  (l2_linear / 2) ||w||^2
 
     with ``loss = 0.5 (y - z)^2`` (``"squared"``: ratings, regression) or
     ``log(1 + exp(-(2 y - 1) z))`` (``"logistic"``: clicks, ``y`` in
-    ``{0, 1}``).  Penalties of table rows are per occurrence, as for every
-    sparse model; the global bias ``b`` is not penalized.
+    ``{0, 1}``).  The penalty of table rows is ``(l2 / 2) ||e||^2 +
+    (l2_linear / 2) c^2`` once per distinct row of each batch piece
+    (``regularization="row"``, the default) or once per id of each data row
+    (``"occurrence"``); see :mod:`dasktrain.models.sparse`.  The global bias
+    ``b`` is not penalized.
 
     **One shared table.**  All fields index one table, so that a step
     pulls, updates and shares one set of shards however many fields the data
@@ -109,6 +113,11 @@ class FactorizationMachine(SparseModel):
         Per-field id ranges (see above).
     hashed : bool
         Map ids to rows by ``id mod n_ids``.
+    regularization : {"row", "occurrence"}
+        How table rows are penalized (see above).
+    b_init : float
+        Initial global bias, e.g. the mean rating (see
+        :class:`MatrixFactorization`'s ``mu_init``).
     init_scale : float
         Standard deviation of the initial embeddings (linear weights start
         at 0).  Must be ``> 0``: with zero embeddings the interaction
@@ -144,6 +153,8 @@ class FactorizationMachine(SparseModel):
         n_numeric: int = 0,
         field_sizes: Sequence[int] | None = None,
         hashed: bool = False,
+        regularization: str = "row",
+        b_init: float = 0.0,
         init_scale: float = 0.01,
         dtype: str = "float32",
     ) -> None:
@@ -169,6 +180,8 @@ class FactorizationMachine(SparseModel):
                     f"n_ids must be sum(field_sizes) = {sum(self.field_sizes)}, "
                     f"got {self.n_ids}"
                 )
+        self.regularization = check_regularization(regularization)
+        self.b_init = finite_float("b_init", b_init)
         self.init_scale = nonnegative_float("init_scale", init_scale)
         if self.init_scale == 0:
             raise ValueError(
@@ -199,6 +212,8 @@ class FactorizationMachine(SparseModel):
             "n_numeric": self.n_numeric,
             "field_sizes": None if self.field_sizes is None else list(self.field_sizes),
             "hashed": self.hashed,
+            "regularization": self.regularization,
+            "b_init": self.b_init,
             "init_scale": self.init_scale,
             "dtype": self.dtype,
         }
@@ -212,7 +227,7 @@ class FactorizationMachine(SparseModel):
         }
 
     def init_dense(self, rng: np.random.Generator) -> Params:
-        params: Params = {"b": np.zeros((), dtype=np.float64)}
+        params: Params = {"b": np.asarray(self.b_init, dtype=np.float64)}
         if self.n_numeric:
             params["w"] = np.zeros(self.n_numeric, dtype=np.float64)
         return params
@@ -363,12 +378,21 @@ class FactorizationMachine(SparseModel):
             metrics = {"correct": float(((z > 0) == (y > 0.5)).sum())}
             # d loss / d z = sigmoid(z) - y
             dz = 0.5 * (1.0 + np.tanh(0.5 * z)) - y
-        emb, lin = E[:, :, :k], E[:, :, k]
+        ids, vals = rows["v"]
+        unique = np.asarray(vals, dtype=np.float64)
         penalty = 0.0
-        if self.l2:
-            penalty += 0.5 * self.l2 * float(np.einsum("nfk,nfk->", emb, emb))
-        if self.l2_linear:
-            penalty += 0.5 * self.l2_linear * float(np.einsum("nf,nf->", lin, lin))
+        row_grad = np.zeros(unique.shape, dtype=np.float64)
+        for strength, cols in (
+            (self.l2, slice(0, k)),
+            (self.l2_linear, slice(k, k + 1)),
+        ):
+            if strength:
+                p, g_row = table_penalty(
+                    strength, self.regularization, E[:, :, cols], unique[:, cols]
+                )
+                penalty += p
+                if g_row is not None:
+                    row_grad[:, cols] = g_row
         metrics["penalty"] = penalty
         if not with_grads:
             return Partial(loss, {}, n, metrics)
@@ -378,12 +402,11 @@ class FactorizationMachine(SparseModel):
             s[:, None, :] - x[:, :, None] * E[:, :, :k]
         )
         g[:, :, k] = dz[:, None] * x
-        if self.l2:
+        if self.regularization == "occurrence":
             g[:, :, :k] += self.l2 * E[:, :, :k]
-        if self.l2_linear:
             g[:, :, k] += self.l2_linear * E[:, :, k]
-        ids, _ = rows["v"]
         table = segment_sum(inv.ravel(), g.reshape(-1, k + 1), ids.shape[0])
+        table += row_grad
         grads: dict[str, Grad] = {
             "b": np.asarray(dz.sum(), dtype=np.float64),
             "v": RowSparse(ids, table, (self.n_ids, k + 1)),

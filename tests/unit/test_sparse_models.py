@@ -39,6 +39,12 @@ MODELS = [
         MatrixFactorization(N_USERS, N_ITEMS, RANK, l2=0.3, dtype="float64"),
         id="mf-l2",
     ),
+    pytest.param(
+        MatrixFactorization(
+            N_USERS, N_ITEMS, RANK, l2=0.3, regularization="occurrence", mu_init=3.5
+        ),
+        id="mf-l2-occurrence",
+    ),
     pytest.param(SparseLogisticRegression(N_BUCKETS), id="slr"),
     pytest.param(SparseLogisticRegression(N_BUCKETS, l2=0.2), id="slr-l2"),
     pytest.param(
@@ -266,7 +272,7 @@ def test_gradient_of_whole_tables_matches_finite_differences(
 
 
 def test_mf_loss_and_penalty_by_hand() -> None:
-    model = MatrixFactorization(3, 2, 2, l2=0.5)
+    model = MatrixFactorization(3, 2, 2, l2=0.5, regularization="occurrence")
     params = {
         "mu": np.array(1.0),
         "user": np.array([[1.0, 2.0, 0.5], [0.0, 0.0, 0.0], [-1.0, 1.0, 0.25]]),
@@ -287,6 +293,19 @@ def test_mf_loss_and_penalty_by_hand() -> None:
     # per occurrence: ||p_0||^2 + ||q_1||^2 = 5 + 5 (twice),
     # ||p_2||^2 + ||q_0||^2 = 2 + 0.5
     assert part.metrics["penalty"] == pytest.approx(0.25 * (10 + 10 + 2.5))
+    # per distinct row: ||p_0||^2 + ||p_2||^2 + ||q_0||^2 + ||q_1||^2
+    per_row = MatrixFactorization(3, 2, 2, l2=0.5)
+    assert per_row.regularization == "row"
+    row_part = per_row.loss_and_grad(params, batch)
+    assert row_part.metrics["penalty"] == pytest.approx(0.25 * (5 + 2 + 0.5 + 5))
+    occ_grad = model.loss_and_grad(params, batch).grads["user"]
+    row_grad = row_part.grads["user"]
+    assert isinstance(occ_grad, RowSparse) and isinstance(row_grad, RowSparse)
+    # user 0 is used twice: its penalty gradient counts twice, or once
+    np.testing.assert_allclose(
+        occ_grad.values[0, :2] - row_grad.values[0, :2], 0.5 * params["user"][0, :2]
+    )
+    np.testing.assert_allclose(occ_grad.values[1], row_grad.values[1])
     summary = model.summarize(part)
     assert summary["rmse"] == pytest.approx(np.sqrt(float(err @ err) / 3))
     assert model.objective(part) == pytest.approx(
@@ -348,15 +367,64 @@ def test_combined_halves_equal_whole(model: SparseModel, split: int) -> None:
     assert parts.n_rows == whole.n_rows
     assert parts.loss_sum == pytest.approx(whole.loss_sum, rel=1e-12)
     assert set(parts.metrics) == set(whole.metrics)
+    per_row = getattr(model, "regularization", None) == "row" and (
+        getattr(model, "l2", 0.0) or getattr(model, "l2_linear", 0.0)
+    )
     for key, value in whole.metrics.items():
+        if per_row and key == "penalty":
+            # A row used by both halves is penalized once in each.
+            assert parts.metrics[key] > value
+            continue
         assert parts.metrics[key] == pytest.approx(value, rel=1e-12, abs=1e-12)
     for name, grad in whole.grads.items():
         joined = parts.grads[name]
+        if per_row and name in model.tables():
+            continue  # see test_row_penalty_counts_each_piece_once
         if isinstance(grad, RowSparse):
             assert isinstance(joined, RowSparse)
             np.testing.assert_array_equal(joined.rows, grad.rows)
         np.testing.assert_allclose(
             as_dense(joined), as_dense(grad), rtol=1e-12, atol=1e-12
+        )
+
+
+ROW_PENALIZED = [
+    m
+    for m in MODELS
+    if getattr(m.values[0], "regularization", "") == "row"
+    and getattr(m.values[0], "l2", 0.0) > 0
+]
+
+
+@pytest.mark.parametrize("model", ROW_PENALIZED)
+def test_row_penalty_counts_each_piece_once(model: SparseModel) -> None:
+    """With ``regularization="row"`` the table gradients of two halves add up
+    to the whole batch's, plus the penalty gradient of the rows both use,
+    once more."""
+    rng = np.random.default_rng(3)
+    params = random_params(model, rng)
+    batch = random_batch(model, rng, 30)
+    first = {k: v[:13] for k, v in batch.items()}
+    second = {k: v[13:] for k, v in batch.items()}
+    whole = model.loss_and_grad(params, batch)
+    parts = combine(
+        model.loss_and_grad(params, first), model.loss_and_grad(params, second)
+    )
+    for name, spec in model.tables().items():
+        l2 = np.full(spec.width, float(getattr(model, "l2", 0.0)))
+        if isinstance(model, FactorizationMachine):
+            l2[-1] = model.l2_linear
+        elif isinstance(model, MatrixFactorization):
+            l2[-1] = 0.0  # biases are not penalized
+        both = np.intersect1d(model.row_ids(first)[name], model.row_ids(second)[name])
+        assert both.size > 0
+        extra = np.zeros((spec.n_rows, spec.width))
+        extra[both] = l2 * params[name][both]
+        np.testing.assert_allclose(
+            as_dense(parts.grads[name]),
+            as_dense(whole.grads[name]) + extra,
+            rtol=1e-10,
+            atol=1e-10,
         )
 
 
@@ -566,15 +634,25 @@ def test_config_round_trip(model: SparseModel) -> None:
 
 
 def test_config_contents() -> None:
-    assert MatrixFactorization(5, 6, 2, l2=0.1, init_scale=0.05).config() == {
+    config = MatrixFactorization(5, 6, 2, l2=0.1, init_scale=0.05).config()
+    assert config == {
         "type": "MatrixFactorization",
         "n_users": 5,
         "n_items": 6,
         "rank": 2,
         "l2": 0.1,
+        "regularization": "row",
         "init_scale": 0.05,
+        "mu_init": 0.0,
         "dtype": "float32",
     }
+    # A store written before `regularization` existed penalized per occurrence.
+    del config["regularization"], config["mu_init"]
+    old = model_from_config(config)
+    assert isinstance(old, MatrixFactorization)
+    assert old.regularization == "occurrence" and old.mu_init == 0.0
+    mf = MatrixFactorization(5, 6, 2, mu_init=3.5)
+    assert float(mf.init(np.random.default_rng(0), Schema({}))["mu"]) == 3.5
     slr = SparseLogisticRegression(8, use_values=True)
     assert slr.fields == ("ids", "values", "y")
     assert SparseLogisticRegression(8).fields == ("ids", "y")
@@ -588,6 +666,8 @@ def test_config_contents() -> None:
         (lambda: MatrixFactorization(5, 5, 0), "rank"),
         (lambda: MatrixFactorization(5, 5, 2, l2=-1.0), "l2"),
         (lambda: MatrixFactorization(5, 5, 2, dtype="float16"), "dtype"),
+        (lambda: MatrixFactorization(5, 5, 2, regularization="x"), "regularization"),
+        (lambda: MatrixFactorization(5, 5, 2, mu_init=float("nan")), "mu_init"),
         (lambda: SparseLogisticRegression(0), "n_buckets"),
         (lambda: SparseLogisticRegression(4, use_values=1), "use_values"),  # type: ignore[arg-type]
     ],
@@ -708,7 +788,9 @@ def test_fm_score_equals_the_pairwise_sum(fm: FactorizationMachine) -> None:
 
 
 def test_fm_penalties_by_hand() -> None:
-    fm = FactorizationMachine(4, 2, l2=0.5, l2_linear=2.0, n_numeric=2)
+    fm = FactorizationMachine(
+        4, 2, l2=0.5, l2_linear=2.0, n_numeric=2, regularization="occurrence"
+    )
     params = {
         "v": np.array([[1.0, 2.0, 0.5], [0.0, 1.0, -1.0], [3.0, 0.0, 2.0], [0, 0, 0]]),
         "b": np.array(0.25),
@@ -727,6 +809,17 @@ def test_fm_penalties_by_hand() -> None:
     assert not fm.penalty_grad(params)["v"].any()
     grad = part.grads["v"]
     assert isinstance(grad, RowSparse) and grad.rows.tolist() == [0, 1, 2]
+    # per distinct row (rows 0, 1, 2): embeddings 5 + 1 + 9, linear 0.25 + 1 + 4
+    per_row = FactorizationMachine(4, 2, l2=0.5, l2_linear=2.0, n_numeric=2)
+    row_part = per_row.loss_and_grad(params, batch)
+    assert row_part.metrics["penalty"] == pytest.approx(0.25 * 15 + 1.0 * 5.25)
+    row_grad = row_part.grads["v"]
+    assert isinstance(row_grad, RowSparse)
+    # row 0 is used twice: one penalty gradient less
+    np.testing.assert_allclose(
+        grad.values[0] - row_grad.values[0], [0.5, 1.0, 2.0 * 0.5]
+    )
+    np.testing.assert_allclose(grad.values[1:], row_grad.values[1:])
 
 
 def test_fm_field_offsets_and_hashing() -> None:
@@ -798,6 +891,8 @@ def test_fm_labels_schema_and_config() -> None:
         "n_numeric": 0,
         "field_sizes": [2, 3],
         "hashed": False,
+        "regularization": "row",
+        "b_init": 0.0,
         "init_scale": 0.01,
         "dtype": "float32",
     }
