@@ -892,6 +892,7 @@ class RatingsSpec:
     chunk_rows: int
     order: str = "user"
     user_skew: float = 1.0
+    draw: int = 0
 
 
 @functools.lru_cache(maxsize=8)
@@ -933,7 +934,7 @@ def drawn_users(spec: RatingsSpec, chunk_id: int, n_rows: int) -> np.ndarray:
     >>> drawn_users(spec, 0, 5).shape
     (5,)
     """
-    rng = np.random.default_rng([spec.seed, _STREAM_ROW_USERS, chunk_id])
+    rng = np.random.default_rng([spec.seed, _STREAM_ROW_USERS, chunk_id, spec.draw])
     u = rng.random(n_rows)
     if spec.order == "shuffled":
         cdf = _user_activity_cdf(spec.seed, spec.n_users, spec.n_ratings)
@@ -968,7 +969,8 @@ def ratings_chunk(spec: RatingsSpec, chunk_id: int) -> dict[str, np.ndarray]:
         user = rating_users(spec.seed, spec.n_users, spec.n_ratings, start, stop)
     else:
         user = drawn_users(spec, chunk_id, stop - start)
-    rng = np.random.default_rng([spec.seed, _STREAM_RATING_CHUNK, chunk_id])
+    # draw=0 is the key [seed, stream, chunk_id] (numpy pads keys with zeros)
+    rng = np.random.default_rng([spec.seed, _STREAM_RATING_CHUNK, chunk_id, spec.draw])
     ranks = _power_law_ranks(rng.random(stop - start), spec.n_items, spec.item_skew)
     sizes = np.array([spec.n_items], dtype=np.int64)
     step, shift = _popularity_order(spec.seed, _STREAM_ITEM_ORDER, sizes)
@@ -995,6 +997,7 @@ def make_ratings(
     item_skew: float = 0.8,
     order: str = "user",
     user_skew: float = 1.0,
+    draw: int = 0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     codec: str = DEFAULT_CODEC,
     seed: int = 0,
@@ -1053,6 +1056,13 @@ def make_ratings(
         Row order (see above).
     user_skew : float
         Popularity exponent of users with ``order="hot_users"``.
+    draw : int
+        Which draw of rows: stores with the same seed and sizes but another
+        ``draw`` share the true factors (and, in the grouped order, each
+        user's rating count) and have independent items and noise (and, in
+        the other orders, users).  Use one as a held-out set: a split by
+        chunks of user-grouped rows holds out whole users, whose embeddings
+        training never sees.
     chunk_rows, codec, seed, client, overwrite, progress, storage_options
         As in :func:`make_classification`.
 
@@ -1087,6 +1097,7 @@ def make_ratings(
     if order not in RATING_ORDERS:
         raise ValueError(f"order must be one of {RATING_ORDERS}, got {order!r}")
     user_skew = _check_exponent(user_skew, "user_skew")
+    draw = _check_int(draw, "draw", 0)
     chunk_rows = check_chunk_rows(chunk_rows)
     codec = check_codec(codec)
     seed = _check_int(seed, "seed", 0)
@@ -1108,6 +1119,8 @@ def make_ratings(
         params["order"] = order
         if order == "hot_users":
             params["user_skew"] = user_skew
+    if draw:
+        params["draw"] = draw
 
     def summarize(results: Sequence[Any]) -> dict[str, Any]:
         embedding_std, bias_std = _factor_scales(rank)
@@ -1145,6 +1158,7 @@ def make_ratings(
             chunk_rows,
             order,
             user_skew,
+            draw,
         ),
         client=client,
         overwrite=overwrite,

@@ -329,3 +329,16 @@ def test_make_ratings_orders(tmp_path: Path, client: Client) -> None:
     np.testing.assert_array_equal(rows["rating"], hot.read("rating", 3))
     with pytest.raises(ValueError, match="order"):
         make_ratings(tmp_path / "x.zarr", client=client, order="random", **RATINGS)
+    # Another draw: the same truth and user counts, other items and noise.
+    held_out = make_ratings(tmp_path / "d.zarr", client=client, draw=1, **RATINGS)
+    assert held_out.provenance["generator"]["draw"] == 1
+    np.testing.assert_array_equal(_all(held_out, "user"), _all(grouped, "user"))
+    assert (_all(held_out, "item") != _all(grouped, "item")).mean() > 0.5
+    resid = _all(held_out, "rating") - expected_ratings(
+        RATINGS["seed"], RATINGS["rank"], _all(held_out, "user"), _all(held_out, "item")
+    )
+    assert abs(resid.std() - RATINGS["noise"]) < 0.02
+    other = make_ratings(
+        tmp_path / "d2.zarr", client=client, order="shuffled", draw=1, **RATINGS
+    )
+    assert (_all(other, "user") != _all(shuffled, "user")).mean() > 0.5
