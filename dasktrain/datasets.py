@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "classification_coefficients",
+    "drawn_users",
     "expected_ratings",
     "field_id_ranges",
     "hash_ids",
@@ -617,6 +618,10 @@ BIAS_VARIANCE = 0.1
 USER_BLOCK = 4096
 #: Sigma of the log-normal activity of users (how many ratings each gives).
 USER_ACTIVITY_SIGMA = 1.0
+#: Row orders of make_ratings: grouped by user, users drawn i.i.d. per row
+#: (same expected activity as the grouped order), or drawn from a Zipf-like
+#: popularity of users (a few hot users give a large share of the ratings).
+RATING_ORDERS = ("user", "shuffled", "hot_users")
 #: Item ids, and the ids of each field of make_sparse_classification, are
 #: limited to this many (the popularity permutation works in uint64).
 MAX_IDS = 2**32
@@ -632,6 +637,8 @@ _STREAM_USER_ACTIVITY = 0x52430003
 _STREAM_ITEM_ORDER = 0x52430004
 _STREAM_USER_FACTORS = 0x52430005
 _STREAM_ITEM_FACTORS = 0x52430006
+_STREAM_ROW_USERS = 0x52430007
+_STREAM_USER_ORDER = 0x52430008
 _STREAM_SPARSE_CHUNK = 0x53430001
 _STREAM_SPARSE_TRUTH = 0x53430002
 _STREAM_FIELD_ORDER = 0x53430003
@@ -883,6 +890,62 @@ class RatingsSpec:
     noise: float
     item_skew: float
     chunk_rows: int
+    order: str = "user"
+    user_skew: float = 1.0
+    draw: int = 0
+
+
+@functools.lru_cache(maxsize=8)
+def _user_activity_cdf(seed: int, n_users: int, n_ratings: int) -> np.ndarray:
+    """Cumulative share of the ratings of users ``[0, u]`` expected in the
+    grouped order: each block's share (of :func:`_user_block_offsets`), split
+    between its users in proportion to their log-normal activity."""
+    offsets = _user_block_offsets(seed, n_users, n_ratings)
+    cdf = np.empty(n_users, dtype=np.float64)
+    for block in range(offsets.shape[0] - 1):
+        first = block * USER_BLOCK
+        size = min(USER_BLOCK, n_users - first)
+        rng = np.random.default_rng([seed, _STREAM_USER_ACTIVITY, block])
+        activity = rng.lognormal(0.0, USER_ACTIVITY_SIGMA, size)
+        share = (offsets[block + 1] - offsets[block]) / n_ratings
+        cdf[first : first + size] = offsets[block] / n_ratings + share * np.cumsum(
+            activity / activity.sum()
+        )
+    cdf[-1] = 1.0
+    cdf.setflags(write=False)
+    return cdf
+
+
+def drawn_users(spec: RatingsSpec, chunk_id: int, n_rows: int) -> np.ndarray:
+    """User ids of a chunk of :func:`make_ratings` in the ``"shuffled"`` and
+    ``"hot_users"`` orders (int64), from ``default_rng([seed, stream,
+    chunk_id])``.
+
+    ``"shuffled"``: i.i.d. draws with the expected per-user activity of the
+    grouped order.  ``"hot_users"``: i.i.d. draws of a bounded Zipf-like
+    popularity of exponent ``user_skew``, the hot users spread over the id
+    space.
+
+    Examples
+    --------
+    >>> spec = RatingsSpec(0, n_users=50, n_items=20, n_ratings=500, rank=4,
+    ...                    noise=0.5, item_skew=0.8, chunk_rows=128,
+    ...                    order="hot_users", user_skew=1.0)
+    >>> drawn_users(spec, 0, 5).shape
+    (5,)
+    """
+    rng = np.random.default_rng([spec.seed, _STREAM_ROW_USERS, chunk_id, spec.draw])
+    u = rng.random(n_rows)
+    if spec.order == "shuffled":
+        cdf = _user_activity_cdf(spec.seed, spec.n_users, spec.n_ratings)
+        users: np.ndarray = np.minimum(
+            np.searchsorted(cdf, u, side="right"), spec.n_users - 1
+        ).astype(np.int64)
+        return users
+    ranks = _power_law_ranks(u, spec.n_users, spec.user_skew)
+    sizes = np.array([spec.n_users], dtype=np.int64)
+    step, shift = _popularity_order(spec.seed, _STREAM_USER_ORDER, sizes)
+    return _place(ranks, step, shift, sizes)
 
 
 def ratings_chunk(spec: RatingsSpec, chunk_id: int) -> dict[str, np.ndarray]:
@@ -902,8 +965,12 @@ def ratings_chunk(spec: RatingsSpec, chunk_id: int) -> dict[str, np.ndarray]:
     """
     start = chunk_id * spec.chunk_rows
     stop = min(start + spec.chunk_rows, spec.n_ratings)
-    user = rating_users(spec.seed, spec.n_users, spec.n_ratings, start, stop)
-    rng = np.random.default_rng([spec.seed, _STREAM_RATING_CHUNK, chunk_id])
+    if spec.order == "user":
+        user = rating_users(spec.seed, spec.n_users, spec.n_ratings, start, stop)
+    else:
+        user = drawn_users(spec, chunk_id, stop - start)
+    # draw=0 is the key [seed, stream, chunk_id] (numpy pads keys with zeros)
+    rng = np.random.default_rng([spec.seed, _STREAM_RATING_CHUNK, chunk_id, spec.draw])
     ranks = _power_law_ranks(rng.random(stop - start), spec.n_items, spec.item_skew)
     sizes = np.array([spec.n_items], dtype=np.int64)
     step, shift = _popularity_order(spec.seed, _STREAM_ITEM_ORDER, sizes)
@@ -928,6 +995,9 @@ def make_ratings(
     rank: int = 8,
     noise: float = 0.5,
     item_skew: float = 0.8,
+    order: str = "user",
+    user_skew: float = 1.0,
+    draw: int = 0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     codec: str = DEFAULT_CODEC,
     seed: int = 0,
@@ -950,10 +1020,16 @@ def make_ratings(
     chunk needs them, so tables of any size cost nothing up front.  The
     best possible RMSE (the noise floor) is ``noise``.
 
-    Rows are **grouped by user**, in user order (see :func:`rating_users`):
-    each chunk covers a contiguous range of user ids, so it touches few
-    shards of the user table, like real rating logs sorted by user.  Users
-    give a varying number of ratings around ``n_ratings / n_users``; items
+    With ``order="user"`` (the default) rows are **grouped by user**, in user
+    order (see :func:`rating_users`): each chunk covers a contiguous range of
+    user ids, so it touches few shards of the user table, like real rating
+    logs sorted by user.  Users give a varying number of ratings around
+    ``n_ratings / n_users``.  With ``order="shuffled"`` each row's user is
+    drawn independently with the same expected activity (every chunk touches
+    users all over the id space, like a shuffled log), and with
+    ``order="hot_users"`` from a bounded Zipf-like popularity of exponent
+    ``user_skew`` (a few hot users give a large share of the rows, spread
+    over the id space; see :func:`drawn_users`).  Items
     follow a bounded Zipf-like popularity with exponent ``item_skew``, the
     popular ones spread over the id space.  Items are drawn with
     replacement: a user may rate an item twice (with independent noise).
@@ -976,6 +1052,17 @@ def make_ratings(
         Standard deviation of the rating noise.
     item_skew : float
         Popularity exponent of items (0: uniform; 1: Zipf).
+    order : {"user", "shuffled", "hot_users"}
+        Row order (see above).
+    user_skew : float
+        Popularity exponent of users with ``order="hot_users"``.
+    draw : int
+        Which draw of rows: stores with the same seed and sizes but another
+        ``draw`` share the true factors (and, in the grouped order, each
+        user's rating count) and have independent items and noise (and, in
+        the other orders, users).  Use one as a held-out set: a split by
+        chunks of user-grouped rows holds out whole users, whose embeddings
+        training never sees.
     chunk_rows, codec, seed, client, overwrite, progress, storage_options
         As in :func:`make_classification`.
 
@@ -1007,10 +1094,14 @@ def make_ratings(
     rank = _check_int(rank, "rank", 1)
     noise = _check_noise(noise)
     item_skew = _check_exponent(item_skew, "item_skew")
+    if order not in RATING_ORDERS:
+        raise ValueError(f"order must be one of {RATING_ORDERS}, got {order!r}")
+    user_skew = _check_exponent(user_skew, "user_skew")
+    draw = _check_int(draw, "draw", 0)
     chunk_rows = check_chunk_rows(chunk_rows)
     codec = check_codec(codec)
     seed = _check_int(seed, "seed", 0)
-    params = {
+    params: dict[str, Any] = {
         "name": "make_ratings",
         "version": GENERATOR_VERSION,
         "n_rows": n_ratings,
@@ -1024,6 +1115,12 @@ def make_ratings(
         "codec": codec,
         "seed": seed,
     }
+    if order != "user":  # grouped stores keep the parameters they always had
+        params["order"] = order
+        if order == "hot_users":
+            params["user_skew"] = user_skew
+    if draw:
+        params["draw"] = draw
 
     def summarize(results: Sequence[Any]) -> dict[str, Any]:
         embedding_std, bias_std = _factor_scales(rank)
@@ -1051,7 +1148,17 @@ def make_ratings(
         },
         task=write_ratings_chunk,
         spec=RatingsSpec(
-            seed, n_users, n_items, n_ratings, rank, noise, item_skew, chunk_rows
+            seed,
+            n_users,
+            n_items,
+            n_ratings,
+            rank,
+            noise,
+            item_skew,
+            chunk_rows,
+            order,
+            user_skew,
+            draw,
         ),
         client=client,
         overwrite=overwrite,

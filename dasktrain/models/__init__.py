@@ -7,6 +7,7 @@ Each model holds hyper-parameters only; :meth:`~Model.config` and
 from __future__ import annotations
 
 from dasktrain.models.base import Model, model_from_config
+from dasktrain.models.fm import FactorizationMachine
 from dasktrain.models.glm import GammaRegression, PoissonRegression
 from dasktrain.models.linear import (
     LinearRegression,
@@ -23,6 +24,7 @@ from dasktrain.models.sparse import (
 
 __all__ = [
     "MLP",
+    "FactorizationMachine",
     "GammaRegression",
     "LinearRegression",
     "LogisticRegression",

@@ -9,10 +9,21 @@ row shards of the parameter store, updated on workers (see
 ``docs/parameter_server.md``), or, when they are small, as ordinary dense
 parameters.  Both paths compute the same numbers.
 
-Regularization is *per occurrence*: each row of data adds ``(l2 / 2) *
-||e||^2`` for each embedding ``e`` it uses, to the objective (not to the
-reported data loss).  This is the usual objective of sparse models, and its
-gradient only touches the rows of the batch.
+What is summed and what is averaged.  The data loss is a mean over the
+batch's rows (the engine divides every sum by the row count).  The L2 penalty
+of a table row is added to the batch's sums (not to the reported data loss),
+so its gradient only touches the rows of the batch, in one of two ways
+(``regularization=``, see :data:`REGULARIZATIONS`):
+
+- ``"occurrence"``: each data row adds ``(l2 / 2) * ||e||^2`` for each
+  embedding ``e`` it uses.  A table row's penalty grows with its frequency,
+  like its data loss: a user with 2 ratings is shrunk as hard, relative to its
+  data, as one with 2,000.
+- ``"row"``: each distinct table row a batch piece uses (a chunk, or a
+  stream's share of one) adds ``(l2 / 2) * ||e||^2`` once.  The penalty of a
+  row is then per step that touches it, not per occurrence, so rare rows are
+  shrunk harder relative to their few ratings and frequent rows barely: the
+  shape of a Gaussian prior on each embedding.
 
 Pure NumPy: no dask, no zarr.
 """
@@ -39,6 +50,7 @@ from dasktrain.schema import Schema
 
 __all__ = [
     "INIT_BLOCK_ROWS",
+    "REGULARIZATIONS",
     "MatrixFactorization",
     "SparseLogisticRegression",
     "SparseModel",
@@ -52,6 +64,9 @@ __all__ = [
 INIT_BLOCK_ROWS = 4096
 
 _TABLE_DTYPES = ("float32", "float64")
+
+#: How table rows are penalized (see the module documentation).
+REGULARIZATIONS = ("row", "occurrence")
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,36 @@ def _check_dtype(value: object) -> str:
     if value not in _TABLE_DTYPES:
         raise ValueError(f"dtype must be one of {_TABLE_DTYPES}, got {value!r}")
     return str(value)
+
+
+def finite_float(name: str, value: object) -> float:
+    """``value`` as a finite float, else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    out = float(value)
+    if not np.isfinite(out):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return out
+
+
+def check_regularization(value: object) -> str:
+    if value not in REGULARIZATIONS:
+        raise ValueError(
+            f"regularization must be one of {REGULARIZATIONS}, got {value!r}"
+        )
+    return str(value)
+
+
+def table_penalty(
+    l2: float, regularization: str, used: np.ndarray, unique: np.ndarray
+) -> tuple[float, np.ndarray | None]:
+    """``(penalty, gradient)`` of ``(l2 / 2) ||e||^2`` per ``"row"`` over the
+    distinct gathered rows ``unique`` (the gradient is per distinct row), or
+    per ``"occurrence"`` over the rows as used by the batch, ``used`` (the
+    gradient is per use, to be summed by row).  Columns are those penalized."""
+    if regularization == "row":
+        return 0.5 * l2 * float(np.sum(unique * unique)), l2 * unique
+    return 0.5 * l2 * float(np.sum(used * used)), None
 
 
 def _check_field(
@@ -297,8 +342,12 @@ class MatrixFactorization(SparseModel):
 
     Predicts ``r(u, i) = mu + b_u + b_i + p_u . q_i`` and minimizes::
 
-        mean over ratings of 0.5 * (r - r(u, i))**2
-                             + (l2 / 2) * (||p_u||^2 + ||q_i||^2)
+        mean over ratings of 0.5 * (r - r(u, i))**2  +  penalty / n
+
+    where the penalty is ``(l2 / 2) * (||p_u||^2 + ||q_i||^2)`` per rating
+    (``regularization="occurrence"``), or ``(l2 / 2) ||e||^2`` once per
+    distinct user or item row of each batch piece (``"row"``, the default;
+    see the module documentation).
 
     Data fields: ``user`` and ``item`` (integer ids, one per row) and
     ``rating`` (float).
@@ -310,9 +359,17 @@ class MatrixFactorization(SparseModel):
     rank : int
         Embedding width.
     l2 : float
-        Per-occurrence L2 penalty of the embeddings (biases are not penalized).
+        L2 penalty of the embeddings (biases are not penalized).
+    regularization : {"row", "occurrence"}
+        Penalize each embedding once per distinct row of a batch piece, or
+        once per rating that uses it.
     init_scale : float
         Standard deviation of the initial embeddings (biases start at 0).
+    mu_init : float
+        Initial global offset ``mu``, e.g. the mean rating.  Starting at 0
+        when ratings average 3.5 makes the first steps' errors large for
+        every row; Adagrad keeps them in its accumulators and takes small
+        steps ever after.
     dtype : {"float32", "float64"}
         Storage dtype of the tables (computations run in float64).
 
@@ -344,15 +401,25 @@ class MatrixFactorization(SparseModel):
         rank: int,
         *,
         l2: float = 0.0,
+        regularization: str = "row",
         init_scale: float = 0.1,
+        mu_init: float = 0.0,
         dtype: str = "float32",
     ) -> None:
         self.n_users = integer_at_least("n_users", n_users, 1)
         self.n_items = integer_at_least("n_items", n_items, 1)
         self.rank = integer_at_least("rank", rank, 1)
         self.l2 = nonnegative_float("l2", l2)
+        self.regularization = check_regularization(regularization)
         self.init_scale = nonnegative_float("init_scale", init_scale)
+        self.mu_init = finite_float("mu_init", mu_init)
         self.dtype = _check_dtype(dtype)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Model:
+        """Stores written before ``regularization`` existed penalized per
+        occurrence: they keep doing so when resumed."""
+        return cls(**{"regularization": "occurrence", **config})
 
     def config(self) -> dict[str, Any]:
         return {
@@ -361,7 +428,9 @@ class MatrixFactorization(SparseModel):
             "n_items": self.n_items,
             "rank": self.rank,
             "l2": self.l2,
+            "regularization": self.regularization,
             "init_scale": self.init_scale,
+            "mu_init": self.mu_init,
             "dtype": self.dtype,
         }
 
@@ -376,7 +445,7 @@ class MatrixFactorization(SparseModel):
         }
 
     def init_dense(self, rng: np.random.Generator) -> Params:
-        return {"mu": np.zeros((), dtype=np.float64)}
+        return {"mu": np.asarray(self.mu_init, dtype=np.float64)}
 
     def check_schema(self, schema: Schema) -> None:
         owner = "MatrixFactorization"
@@ -429,35 +498,38 @@ class MatrixFactorization(SparseModel):
         err = pred - np.asarray(batch["rating"], dtype=np.float64)
         k = self.rank
         sq = float(err @ err)
+        u_ids, u_vals = rows["user"]
+        i_ids, i_vals = rows["item"]
         penalty = 0.0
+        row_grads: dict[str, np.ndarray | None] = {"user": None, "item": None}
         if self.l2:
-            penalty = (
-                0.5
-                * self.l2
-                * float(
-                    np.einsum("ij,ij->", U[:, :k], U[:, :k])
-                    + np.einsum("ij,ij->", V[:, :k], V[:, :k])
+            for name, used, vals in (("user", U, u_vals), ("item", V, i_vals)):
+                unique = np.asarray(vals, dtype=np.float64)[:, :k]
+                p, row_grads[name] = table_penalty(
+                    self.l2, self.regularization, used[:, :k], unique
                 )
-            )
+                penalty += p
         metrics = {"sq_err": sq, "penalty": penalty}
         if not with_grads:
             return Partial(0.5 * sq, {}, n, metrics)
+        per_use = self.l2 if self.regularization == "occurrence" else 0.0
         gU = np.empty_like(U)
         gV = np.empty_like(V)
-        gU[:, :k] = err[:, None] * V[:, :k] + self.l2 * U[:, :k]
-        gV[:, :k] = err[:, None] * U[:, :k] + self.l2 * V[:, :k]
+        gU[:, :k] = err[:, None] * V[:, :k] + per_use * U[:, :k]
+        gV[:, :k] = err[:, None] * U[:, :k] + per_use * V[:, :k]
         gU[:, k] = err
         gV[:, k] = err
-        u_ids, _ = rows["user"]
-        i_ids, _ = rows["item"]
+        sums = {
+            "user": segment_sum(u_inv, gU, u_ids.shape[0]),
+            "item": segment_sum(i_inv, gV, i_ids.shape[0]),
+        }
+        for name, extra in row_grads.items():
+            if extra is not None:
+                sums[name][:, :k] += extra
         grads: dict[str, Grad] = {
-            "item": RowSparse(
-                i_ids, segment_sum(i_inv, gV, i_ids.shape[0]), (self.n_items, k + 1)
-            ),
+            "item": RowSparse(i_ids, sums["item"], (self.n_items, k + 1)),
             "mu": np.asarray(err.sum(), dtype=np.float64),
-            "user": RowSparse(
-                u_ids, segment_sum(u_inv, gU, u_ids.shape[0]), (self.n_users, k + 1)
-            ),
+            "user": RowSparse(u_ids, sums["user"], (self.n_users, k + 1)),
         }
         return Partial(0.5 * sq, grads, n, metrics)
 

@@ -273,3 +273,72 @@ def test_invalid_parameters_create_nothing(tmp_path: Path, client: Client) -> No
                 **{"n_rows": 10, "n_fields": 4, **bad},
             )
     assert not os.listdir(tmp_path)
+
+
+def test_make_ratings_orders(tmp_path: Path, client: Client) -> None:
+    """The same truth in three row orders: grouped by user, users drawn i.i.d.
+    with the grouped order's activity, and Zipf-like hot users."""
+    grouped = make_ratings(tmp_path / "g.zarr", client=client, **RATINGS)
+    shuffled = make_ratings(
+        tmp_path / "s.zarr", client=client, order="shuffled", **RATINGS
+    )
+    hot = make_ratings(
+        tmp_path / "h.zarr", client=client, order="hot_users", user_skew=1.0, **RATINGS
+    )
+    n_users = RATINGS["n_users"]
+    assert "order" not in grouped.provenance["generator"]
+    assert shuffled.provenance["generator"]["order"] == "shuffled"
+    assert hot.provenance["generator"]["user_skew"] == 1.0
+    counts = {}
+    for name, ds in (("grouped", grouped), ("shuffled", shuffled), ("hot", hot)):
+        assert ds.n_rows == RATINGS["n_ratings"]
+        users = _all(ds, "user")
+        assert users.min() >= 0 and users.max() < n_users
+        counts[name] = np.bincount(users, minlength=n_users)
+        # Ratings follow the same truth whatever the order.
+        resid = _all(ds, "rating") - expected_ratings(
+            RATINGS["seed"], RATINGS["rank"], users, _all(ds, "item")
+        )
+        assert abs(resid.std() - RATINGS["noise"]) < 0.02
+    # Grouped chunks cover narrow, sorted user ranges; shuffled ones do not.
+    first = np.asarray(grouped.read("user", 0))
+    assert (np.diff(first) >= 0).all() and np.ptp(first) < n_users // 4
+    mixed = np.asarray(shuffled.read("user", 0))
+    assert (np.diff(mixed) < 0).any() and np.ptp(mixed) > 0.9 * n_users
+    # Shuffled users keep the grouped order's activity (in expectation).
+    assert np.corrcoef(counts["grouped"], counts["shuffled"])[0, 1] > 0.8
+    # Hot users: the top 1% give a large share (bounded Zipf, exponent 1).
+    top = np.sort(counts["hot"])[::-1][: n_users // 100]
+    assert top.sum() > 0.25 * RATINGS["n_ratings"]
+    assert np.sort(counts["grouped"])[::-1][: n_users // 100].sum() < top.sum() / 2
+    # Bytes are those of the chunk's own generator.
+    spec = RatingsSpec(
+        RATINGS["seed"],
+        n_users,
+        RATINGS["n_items"],
+        RATINGS["n_ratings"],
+        RATINGS["rank"],
+        RATINGS["noise"],
+        0.8,
+        RATINGS["chunk_rows"],
+        "hot_users",
+        1.0,
+    )
+    rows = ratings_chunk(spec, 3)
+    np.testing.assert_array_equal(rows["user"], hot.read("user", 3))
+    np.testing.assert_array_equal(rows["rating"], hot.read("rating", 3))
+    with pytest.raises(ValueError, match="order"):
+        make_ratings(tmp_path / "x.zarr", client=client, order="random", **RATINGS)
+    # Another draw: the same truth and user counts, other items and noise.
+    held_out = make_ratings(tmp_path / "d.zarr", client=client, draw=1, **RATINGS)
+    assert held_out.provenance["generator"]["draw"] == 1
+    np.testing.assert_array_equal(_all(held_out, "user"), _all(grouped, "user"))
+    assert (_all(held_out, "item") != _all(grouped, "item")).mean() > 0.5
+    resid = _all(held_out, "rating") - expected_ratings(
+        RATINGS["seed"], RATINGS["rank"], _all(held_out, "user"), _all(held_out, "item")
+    )
+    assert abs(resid.std() - RATINGS["noise"]) < 0.02
+    other = make_ratings(
+        tmp_path / "d2.zarr", client=client, order="shuffled", draw=1, **RATINGS
+    )
+    assert (_all(other, "user") != _all(shuffled, "user")).mean() > 0.5

@@ -13,6 +13,7 @@ import pytest
 
 from dasktrain.errors import DataValidationError
 from dasktrain.models import (
+    FactorizationMachine,
     MatrixFactorization,
     SparseLogisticRegression,
     SparseModel,
@@ -38,10 +39,35 @@ MODELS = [
         MatrixFactorization(N_USERS, N_ITEMS, RANK, l2=0.3, dtype="float64"),
         id="mf-l2",
     ),
+    pytest.param(
+        MatrixFactorization(
+            N_USERS, N_ITEMS, RANK, l2=0.3, regularization="occurrence", mu_init=3.5
+        ),
+        id="mf-l2-occurrence",
+    ),
     pytest.param(SparseLogisticRegression(N_BUCKETS), id="slr"),
     pytest.param(SparseLogisticRegression(N_BUCKETS, l2=0.2), id="slr-l2"),
     pytest.param(
         SparseLogisticRegression(N_BUCKETS, l2=0.2, use_values=True), id="slr-values"
+    ),
+    pytest.param(FactorizationMachine(N_BUCKETS, RANK, init_scale=0.5), id="fm"),
+    pytest.param(
+        FactorizationMachine(
+            N_BUCKETS, RANK, l2=0.3, l2_linear=0.2, n_numeric=2, dtype="float64"
+        ),
+        id="fm-l2-numeric",
+    ),
+    pytest.param(
+        FactorizationMachine(
+            N_BUCKETS, RANK, loss="logistic", l2=0.1, use_values=True, hashed=True
+        ),
+        id="fm-logistic-values-hashed",
+    ),
+    pytest.param(
+        FactorizationMachine(
+            N_BUCKETS, RANK, loss="logistic", field_sizes=(2, 3, 4, 2), n_numeric=3
+        ),
+        id="fm-logistic-fields",
     ),
 ]
 
@@ -62,6 +88,8 @@ def random_batch(
             "item": rng.integers(0, model.n_items - 1, n_rows),
             "rating": rng.normal(3.0, 1.0, n_rows),
         }
+    if isinstance(model, FactorizationMachine):
+        return fm_batch(model, rng, n_rows)
     assert isinstance(model, SparseLogisticRegression)
     # Ids beyond n_buckets and negative ones: the model hashes them by mod.
     ids = rng.integers(-3 * N_BUCKETS, 3 * N_BUCKETS, (n_rows, N_FIELDS))
@@ -69,6 +97,33 @@ def random_batch(
     batch = {"ids": ids, "y": rng.integers(0, 2, n_rows)}
     if model.use_values:
         batch["values"] = rng.uniform(0.0, 2.0, (n_rows, N_FIELDS))
+    return batch
+
+
+def fm_batch(
+    model: FactorizationMachine, rng: np.random.Generator, n_rows: int
+) -> dict[str, np.ndarray]:
+    """Ids in the model's id space (repeated, also within a row), leaving
+    the last table row unused."""
+    if model.hashed:
+        ids = rng.integers(-3 * model.n_ids, 3 * model.n_ids, (n_rows, N_FIELDS))
+        ids[np.mod(ids, model.n_ids) == model.n_ids - 1] += 1
+    elif model.field_sizes is not None:
+        sizes = np.asarray(model.field_sizes)
+        ids = rng.integers(0, sizes, (n_rows, sizes.shape[0]))
+        ids[:, -1] = rng.integers(0, sizes[-1] - 1, n_rows)
+    else:
+        ids = rng.integers(0, model.n_ids - 1, (n_rows, N_FIELDS))
+    y = (
+        rng.integers(0, 2, n_rows)
+        if model.loss_name == "logistic"
+        else rng.normal(3.0, 1.0, n_rows)
+    )
+    batch = {"ids": ids, "y": y}
+    if model.use_values:
+        batch["values"] = rng.uniform(0.0, 2.0, ids.shape)
+    if model.n_numeric:
+        batch["X"] = rng.normal(size=(n_rows, model.n_numeric))
     return batch
 
 
@@ -217,7 +272,7 @@ def test_gradient_of_whole_tables_matches_finite_differences(
 
 
 def test_mf_loss_and_penalty_by_hand() -> None:
-    model = MatrixFactorization(3, 2, 2, l2=0.5)
+    model = MatrixFactorization(3, 2, 2, l2=0.5, regularization="occurrence")
     params = {
         "mu": np.array(1.0),
         "user": np.array([[1.0, 2.0, 0.5], [0.0, 0.0, 0.0], [-1.0, 1.0, 0.25]]),
@@ -238,6 +293,19 @@ def test_mf_loss_and_penalty_by_hand() -> None:
     # per occurrence: ||p_0||^2 + ||q_1||^2 = 5 + 5 (twice),
     # ||p_2||^2 + ||q_0||^2 = 2 + 0.5
     assert part.metrics["penalty"] == pytest.approx(0.25 * (10 + 10 + 2.5))
+    # per distinct row: ||p_0||^2 + ||p_2||^2 + ||q_0||^2 + ||q_1||^2
+    per_row = MatrixFactorization(3, 2, 2, l2=0.5)
+    assert per_row.regularization == "row"
+    row_part = per_row.loss_and_grad(params, batch)
+    assert row_part.metrics["penalty"] == pytest.approx(0.25 * (5 + 2 + 0.5 + 5))
+    occ_grad = model.loss_and_grad(params, batch).grads["user"]
+    row_grad = row_part.grads["user"]
+    assert isinstance(occ_grad, RowSparse) and isinstance(row_grad, RowSparse)
+    # user 0 is used twice: its penalty gradient counts twice, or once
+    np.testing.assert_allclose(
+        occ_grad.values[0, :2] - row_grad.values[0, :2], 0.5 * params["user"][0, :2]
+    )
+    np.testing.assert_allclose(occ_grad.values[1], row_grad.values[1])
     summary = model.summarize(part)
     assert summary["rmse"] == pytest.approx(np.sqrt(float(err @ err) / 3))
     assert model.objective(part) == pytest.approx(
@@ -299,15 +367,64 @@ def test_combined_halves_equal_whole(model: SparseModel, split: int) -> None:
     assert parts.n_rows == whole.n_rows
     assert parts.loss_sum == pytest.approx(whole.loss_sum, rel=1e-12)
     assert set(parts.metrics) == set(whole.metrics)
+    per_row = getattr(model, "regularization", None) == "row" and (
+        getattr(model, "l2", 0.0) or getattr(model, "l2_linear", 0.0)
+    )
     for key, value in whole.metrics.items():
+        if per_row and key == "penalty":
+            # A row used by both halves is penalized once in each.
+            assert parts.metrics[key] > value
+            continue
         assert parts.metrics[key] == pytest.approx(value, rel=1e-12, abs=1e-12)
     for name, grad in whole.grads.items():
         joined = parts.grads[name]
+        if per_row and name in model.tables():
+            continue  # see test_row_penalty_counts_each_piece_once
         if isinstance(grad, RowSparse):
             assert isinstance(joined, RowSparse)
             np.testing.assert_array_equal(joined.rows, grad.rows)
         np.testing.assert_allclose(
             as_dense(joined), as_dense(grad), rtol=1e-12, atol=1e-12
+        )
+
+
+ROW_PENALIZED = [
+    m
+    for m in MODELS
+    if getattr(m.values[0], "regularization", "") == "row"
+    and getattr(m.values[0], "l2", 0.0) > 0
+]
+
+
+@pytest.mark.parametrize("model", ROW_PENALIZED)
+def test_row_penalty_counts_each_piece_once(model: SparseModel) -> None:
+    """With ``regularization="row"`` the table gradients of two halves add up
+    to the whole batch's, plus the penalty gradient of the rows both use,
+    once more."""
+    rng = np.random.default_rng(3)
+    params = random_params(model, rng)
+    batch = random_batch(model, rng, 30)
+    first = {k: v[:13] for k, v in batch.items()}
+    second = {k: v[13:] for k, v in batch.items()}
+    whole = model.loss_and_grad(params, batch)
+    parts = combine(
+        model.loss_and_grad(params, first), model.loss_and_grad(params, second)
+    )
+    for name, spec in model.tables().items():
+        l2 = np.full(spec.width, float(getattr(model, "l2", 0.0)))
+        if isinstance(model, FactorizationMachine):
+            l2[-1] = model.l2_linear
+        elif isinstance(model, MatrixFactorization):
+            l2[-1] = 0.0  # biases are not penalized
+        both = np.intersect1d(model.row_ids(first)[name], model.row_ids(second)[name])
+        assert both.size > 0
+        extra = np.zeros((spec.n_rows, spec.width))
+        extra[both] = l2 * params[name][both]
+        np.testing.assert_allclose(
+            as_dense(parts.grads[name]),
+            as_dense(whole.grads[name]) + extra,
+            rtol=1e-10,
+            atol=1e-10,
         )
 
 
@@ -517,15 +634,25 @@ def test_config_round_trip(model: SparseModel) -> None:
 
 
 def test_config_contents() -> None:
-    assert MatrixFactorization(5, 6, 2, l2=0.1, init_scale=0.05).config() == {
+    config = MatrixFactorization(5, 6, 2, l2=0.1, init_scale=0.05).config()
+    assert config == {
         "type": "MatrixFactorization",
         "n_users": 5,
         "n_items": 6,
         "rank": 2,
         "l2": 0.1,
+        "regularization": "row",
         "init_scale": 0.05,
+        "mu_init": 0.0,
         "dtype": "float32",
     }
+    # A store written before `regularization` existed penalized per occurrence.
+    del config["regularization"], config["mu_init"]
+    old = model_from_config(config)
+    assert isinstance(old, MatrixFactorization)
+    assert old.regularization == "occurrence" and old.mu_init == 0.0
+    mf = MatrixFactorization(5, 6, 2, mu_init=3.5)
+    assert float(mf.init(np.random.default_rng(0), Schema({}))["mu"]) == 3.5
     slr = SparseLogisticRegression(8, use_values=True)
     assert slr.fields == ("ids", "values", "y")
     assert SparseLogisticRegression(8).fields == ("ids", "y")
@@ -539,6 +666,8 @@ def test_config_contents() -> None:
         (lambda: MatrixFactorization(5, 5, 0), "rank"),
         (lambda: MatrixFactorization(5, 5, 2, l2=-1.0), "l2"),
         (lambda: MatrixFactorization(5, 5, 2, dtype="float16"), "dtype"),
+        (lambda: MatrixFactorization(5, 5, 2, regularization="x"), "regularization"),
+        (lambda: MatrixFactorization(5, 5, 2, mu_init=float("nan")), "mu_init"),
         (lambda: SparseLogisticRegression(0), "n_buckets"),
         (lambda: SparseLogisticRegression(4, use_values=1), "use_values"),  # type: ignore[arg-type]
     ],
@@ -598,3 +727,194 @@ def test_partial_of_sparse_model_is_summarized() -> None:
     assert model.summarize(part) == {"loss": 1.5, "accuracy": 0.75}
     assert model.objective(part) == 2.0
     assert model.penalty({"w": np.ones((N_BUCKETS, 1))}) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# factorization machine
+# ---------------------------------------------------------------------------
+
+
+def fm_score_by_loops(
+    model: FactorizationMachine,
+    params: Mapping[str, np.ndarray],
+    batch: Mapping[str, np.ndarray],
+) -> np.ndarray:
+    """The FM score from its definition: a double loop over the pairs."""
+    rows = model.row_ids(batch)["v"]
+    n, f = rows.shape
+    x = batch["values"] if model.use_values else np.ones((n, f))
+    V = params["v"]
+    k = model.rank
+    out = np.full(n, float(params["b"]))
+    for r in range(n):
+        for j in range(f):
+            out[r] += x[r, j] * V[rows[r, j], k]
+            for m in range(j + 1, f):
+                out[r] += x[r, j] * x[r, m] * (V[rows[r, j], :k] @ V[rows[r, m], :k])
+        if model.n_numeric:
+            out[r] += batch["X"][r] @ params["w"]
+    return out
+
+
+FM_MODELS = [m for m in MODELS if str(m.id).startswith("fm")]
+
+
+@pytest.mark.parametrize("fm", FM_MODELS)
+def test_fm_score_equals_the_pairwise_sum(fm: FactorizationMachine) -> None:
+    rng = np.random.default_rng(10)
+    params = random_params(fm, rng)
+    batch = random_batch(fm, rng, 9)
+    X = {k: v for k, v in batch.items() if k != "y"}
+    expected = fm_score_by_loops(fm, params, batch)
+    if fm.loss_name == "squared":
+        np.testing.assert_allclose(fm.predict(params, X), expected, rtol=1e-12)
+        part = fm.loss(params, batch)
+        err = expected - batch["y"]
+        assert part.loss_sum == pytest.approx(0.5 * float(err @ err), rel=1e-12)
+        assert fm.summarize(part)["rmse"] == pytest.approx(np.sqrt(np.mean(err**2)))
+        with pytest.raises(ValueError, match="predict_proba"):
+            fm.predict_proba(params, X)
+    else:
+        np.testing.assert_allclose(
+            fm.decision_function(params, X), expected, rtol=1e-12
+        )
+        proba = fm.predict_proba(params, X)
+        np.testing.assert_allclose(proba[:, 1], 1 / (1 + np.exp(-expected)))
+        np.testing.assert_array_equal(fm.predict(params, X), expected > 0)
+        part = fm.loss(params, batch)
+        s = 2.0 * batch["y"] - 1.0
+        assert part.loss_sum == pytest.approx(np.log1p(np.exp(-s * expected)).sum())
+        assert part.metrics["correct"] == float(np.sum((expected > 0) == batch["y"]))
+
+
+def test_fm_penalties_by_hand() -> None:
+    fm = FactorizationMachine(
+        4, 2, l2=0.5, l2_linear=2.0, n_numeric=2, regularization="occurrence"
+    )
+    params = {
+        "v": np.array([[1.0, 2.0, 0.5], [0.0, 1.0, -1.0], [3.0, 0.0, 2.0], [0, 0, 0]]),
+        "b": np.array(0.25),
+        "w": np.array([1.0, -2.0]),
+    }
+    batch = {
+        "ids": np.array([[0, 1], [2, 0]]),
+        "X": np.zeros((2, 2)),
+        "y": np.zeros(2),
+    }
+    part = fm.loss_and_grad(params, batch)
+    # embeddings per occurrence: (5 + 1) + (9 + 5); linear: (0.25 + 1) + (4 + 0.25)
+    assert part.metrics["penalty"] == pytest.approx(0.25 * 20 + 1.0 * 5.5)
+    assert fm.penalty(params) == pytest.approx(1.0 * 5.0)
+    np.testing.assert_allclose(fm.penalty_grad(params)["w"], [2.0, -4.0])
+    assert not fm.penalty_grad(params)["v"].any()
+    grad = part.grads["v"]
+    assert isinstance(grad, RowSparse) and grad.rows.tolist() == [0, 1, 2]
+    # per distinct row (rows 0, 1, 2): embeddings 5 + 1 + 9, linear 0.25 + 1 + 4
+    per_row = FactorizationMachine(4, 2, l2=0.5, l2_linear=2.0, n_numeric=2)
+    row_part = per_row.loss_and_grad(params, batch)
+    assert row_part.metrics["penalty"] == pytest.approx(0.25 * 15 + 1.0 * 5.25)
+    row_grad = row_part.grads["v"]
+    assert isinstance(row_grad, RowSparse)
+    # row 0 is used twice: one penalty gradient less
+    np.testing.assert_allclose(
+        grad.values[0] - row_grad.values[0], [0.5, 1.0, 2.0 * 0.5]
+    )
+    np.testing.assert_allclose(grad.values[1:], row_grad.values[1:])
+
+
+def test_fm_field_offsets_and_hashing() -> None:
+    fields = FactorizationMachine(9, 2, field_sizes=(2, 3, 4))
+    ids = np.array([[1, 0, 3], [0, 2, 0]])
+    assert fields.row_ids({"ids": ids})["v"].tolist() == [[1, 2, 8], [0, 4, 5]]
+    assert fields.check_ids({"ids": ids}) is None
+    problem = fields.check_ids({"ids": np.array([[0, 0, 0], [1, 3, 0]])})
+    assert problem is not None and problem[:2] == ("ids", 1)
+    assert "id 3 of field 1 is not in [0, 3)" in problem[2]
+    problem = fields.check_ids({"ids": np.array([[0, 0]])})
+    assert problem is not None and "3 fields" in problem[2]
+    hashed = FactorizationMachine(7, 2, hashed=True)
+    big = np.array([[np.iinfo(np.int64).min, np.iinfo(np.int64).max, -1]])
+    assert hashed.check_ids({"ids": big}) is None
+    rows = hashed.row_ids({"ids": big})["v"]
+    assert rows.min() >= 0 and rows.max() < 7
+    plain = FactorizationMachine(5, 2)
+    problem = plain.check_ids({"ids": np.array([[0, 4], [5, 0]])})
+    assert problem is not None and problem[:2] == ("ids", 1)
+    assert "id 5 is not in [0, 5)" in problem[2]
+    with pytest.raises(DataValidationError, match=r"field 'ids', row 1: id -1"):
+        plain.loss(
+            {"v": np.zeros((5, 3)), "b": np.array(0.0)},
+            {"ids": np.array([[0, 1], [-1, 0]]), "y": np.zeros(2)},
+        )
+
+
+def test_fm_labels_schema_and_config() -> None:
+    clicks = FactorizationMachine(10, 2, loss="logistic", use_values=True, n_numeric=3)
+    assert clicks.fields == ("ids", "values", "X", "y")
+    assert clicks.is_classifier
+    assert clicks.input_fields == ("ids", "values", "X")
+    assert clicks.check_labels(np.array([0, 1, 1])) is None
+    problem = clicks.check_labels(np.array([0, 1, 3]))
+    assert problem is not None and problem[0] == 2
+    ratings = FactorizationMachine(10, 2)
+    assert ratings.fields == ("ids", "y") and not ratings.is_classifier
+    assert ratings.check_labels(np.array([4.5, -1.0])) is None
+    schema = Schema(
+        {
+            "ids": FieldInfo((3,), "int32"),
+            "values": FieldInfo((3,), "float32"),
+            "X": FieldInfo((3,), "float32"),
+            "y": FieldInfo((), "int8"),
+        }
+    )
+    clicks.check_schema(schema)
+    ratings.check_schema(schema)
+    bad = {
+        "values": {**schema.fields, "values": FieldInfo((2,), "float32")},
+        "X": {**schema.fields, "X": FieldInfo((4,), "float32")},
+        "ids": {**schema.fields, "ids": FieldInfo((3,), "float32")},
+        "y": {k: v for k, v in schema.fields.items() if k != "y"},
+    }
+    for field, fields in bad.items():
+        with pytest.raises(DataValidationError, match=rf"field '{field}'"):
+            clicks.check_schema(Schema(fields))
+    with pytest.raises(DataValidationError, match="field_sizes"):
+        FactorizationMachine(5, 2, field_sizes=(2, 3)).check_schema(schema)
+    assert FactorizationMachine(5, 2, field_sizes=[2, 3]).config() == {
+        "type": "FactorizationMachine",
+        "n_ids": 5,
+        "rank": 2,
+        "loss": "squared",
+        "l2": 0.0,
+        "l2_linear": 0.0,
+        "use_values": False,
+        "n_numeric": 0,
+        "field_sizes": [2, 3],
+        "hashed": False,
+        "regularization": "row",
+        "b_init": 0.0,
+        "init_scale": 0.01,
+        "dtype": "float32",
+    }
+    spec = clicks.tables()["v"]
+    assert (spec.n_rows, spec.width, spec.n_random) == (10, 3, 2)
+
+
+@pytest.mark.parametrize(
+    ("make", "argument"),
+    [
+        (lambda: FactorizationMachine(0, 2), "n_ids"),
+        (lambda: FactorizationMachine(5, 0), "rank"),
+        (lambda: FactorizationMachine(5, 2, loss="hinge"), "loss"),
+        (lambda: FactorizationMachine(5, 2, l2=-1.0), "l2"),
+        (lambda: FactorizationMachine(5, 2, n_numeric=-1), "n_numeric"),
+        (lambda: FactorizationMachine(5, 2, field_sizes=(2, 2)), "sum"),
+        (lambda: FactorizationMachine(5, 2, field_sizes=(5,), hashed=True), "hashed"),
+        (lambda: FactorizationMachine(5, 2, field_sizes=()), "field_sizes"),
+        (lambda: FactorizationMachine(5, 2, init_scale=0.0), "init_scale"),
+        (lambda: FactorizationMachine(5, 2, use_values=1), "use_values"),  # type: ignore[arg-type]
+    ],
+)
+def test_fm_invalid_hyper_parameters(make: Callable[[], object], argument: str) -> None:
+    with pytest.raises(ValueError, match=argument):
+        make()
