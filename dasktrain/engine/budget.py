@@ -85,6 +85,9 @@ FALLBACK_CEILING_FRACTION = 0.75
 #: (measured with tracemalloc on a Blosc-compressed float32 chunk: 75 MiB for
 #: a 25 MiB chunk).
 READ_PEAK_FACTOR = 3
+#: Chunk-sized temporaries of a thread's compute (a batch gathered from its
+#: chunk, products over it), counted in the working-set estimate.
+COMPUTE_CHUNK_FACTOR = 1
 #: Pages returned to the system at most this often while over the ceiling.
 TRIM_MIN_INTERVAL_SECONDS = 0.5
 
@@ -293,6 +296,8 @@ class MemoryBudget:
         self._last_trim = -np.inf
         self._paused = False
         self._read_ahead_off = False
+        #: Free heap the allocator keeps for reuse (see ``tune_malloc``).
+        self.heap_slack = 0
 
     # -- sizes -----------------------------------------------------------------
     @property
@@ -307,7 +312,7 @@ class MemoryBudget:
     def other(self) -> int:
         """What the process holds besides the kept bytes (estimate or peak
         measured, whichever is larger)."""
-        return max(self._other, self.baseline_rss + self._working_set)
+        return max(self._other, self.baseline_rss + self.heap_slack + self._working_set)
 
     @property
     def capacity(self) -> int:
@@ -345,7 +350,7 @@ class MemoryBudget:
         one at a time."""
         threads = max(1, int(n_threads))
         read = READ_PEAK_FACTOR * int(chunk_bytes)
-        held = int(held_per_thread) * int(chunk_bytes)
+        held = (int(held_per_thread) + COMPUTE_CHUNK_FACTOR) * int(chunk_bytes)
         one = threads * (held + read)
         ahead = self.baseline_rss + one + threads * read <= self.ceiling
         with self._lock:
@@ -574,7 +579,7 @@ class MemoryPlan:
 
     def per_thread(self) -> int:
         return (
-            READ_PEAK_FACTOR * self.chunk_bytes
+            (READ_PEAK_FACTOR + COMPUTE_CHUNK_FACTOR) * self.chunk_bytes
             + self.held_chunks * self.chunk_bytes
             + self.state_bytes
         )
@@ -582,7 +587,7 @@ class MemoryPlan:
     def describe(self) -> str:
         parts = [
             f"reading a chunk of {_mib(self.chunk_bytes)} decoded "
-            f"({READ_PEAK_FACTOR}x at peak)"
+            f"({READ_PEAK_FACTOR + COMPUTE_CHUNK_FACTOR}x with its compute)"
         ]
         if self.held_chunks:
             parts.append(f"{self.held_chunks} chunk(s) held by streams")

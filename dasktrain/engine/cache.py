@@ -274,7 +274,8 @@ class CachePlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         budget = budget_of(worker)
-        tune_malloc(budget.limits.limit)
+        if tune_malloc(budget.limits.limit):
+            budget.heap_slack = malloc_keep_bytes(budget.limits.limit)
         self._watcher.setup(worker)
         cap = (
             None
@@ -308,8 +309,18 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MALLOC_REUSE_BYTES = 64 << 20
 #: Free heap kept for reuse is at most the memory limit over this, and at
 #: least :data:`MALLOC_KEEP_MIN_BYTES`.
-MALLOC_KEEP_LIMIT_DIVISOR = 32
+MALLOC_KEEP_LIMIT_DIVISOR = 16
 MALLOC_KEEP_MIN_BYTES = 8 << 20
+
+
+def malloc_keep_bytes(memory_limit: int | None) -> int:
+    """Free heap glibc keeps for reuse on a worker with this limit."""
+    if not memory_limit:
+        return MALLOC_REUSE_BYTES
+    return max(
+        MALLOC_KEEP_MIN_BYTES,
+        min(MALLOC_REUSE_BYTES, memory_limit // MALLOC_KEEP_LIMIT_DIVISOR),
+    )
 
 
 def tune_malloc(memory_limit: int | None = None) -> bool:
@@ -326,11 +337,7 @@ def tune_malloc(memory_limit: int | None = None) -> bool:
     where retained free memory would eat the budget.  Returns whether the
     settings were applied.
     """
-    keep = MALLOC_REUSE_BYTES
-    if memory_limit:
-        keep = max(
-            MALLOC_KEEP_MIN_BYTES, min(keep, memory_limit // MALLOC_KEEP_LIMIT_DIVISOR)
-        )
+    keep = malloc_keep_bytes(memory_limit)
     try:
         import ctypes
 
