@@ -711,6 +711,54 @@ class Dataset:
             )
         return Dataset(self._info, sorted(ids))
 
+    def with_transform(
+        self,
+        field: str,
+        *,
+        shift: Sequence[float],
+        scale: Sequence[float],
+    ) -> Dataset:
+        """A view whose reads of ``field`` (a 2-d float field) give
+        ``(values - shift) / scale`` per column, computed on the workers as
+        chunks are read (no copy).  The trainer reads standardized data this
+        way (``Trainer(..., standardize=True)``).
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "d.zarr")
+        >>> ds = Dataset.from_arrays(path, X=np.ones((4, 2)), chunk_rows=2)
+        >>> ds.with_transform("X", shift=[1.0, 0.0], scale=[1.0, 4.0]).read("X", 1)
+        array([[0.  , 0.25],
+               [0.  , 0.25]])
+        """
+        from dataclasses import replace
+
+        from dasktrain.data.io import Affine
+
+        info = self._info.ref.field(field)
+        if len(info.shape) != 1 or np.dtype(info.dtype).kind != "f":
+            raise DataValidationError(
+                f"field {field!r} of {self.path!r} ({info.dtype}, row shape "
+                f"{info.shape}) cannot be transformed: it must be a 2-d float array"
+            )
+        shift_t = tuple(float(v) for v in shift)
+        scale_t = tuple(float(v) for v in scale)
+        width = info.shape[0]
+        if len(shift_t) != width or len(scale_t) != width:
+            raise ValueError(
+                f"shift and scale need {width} values (the columns of {field!r}), "
+                f"got {len(shift_t)} and {len(scale_t)}"
+            )
+        if not all(math.isfinite(v) for v in shift_t) or not all(
+            math.isfinite(v) and v > 0 for v in scale_t
+        ):
+            raise ValueError("shift must be finite and scale finite and > 0")
+        ref = self._info.ref
+        kept = tuple((n, a) for n, a in ref.transforms if n != field)
+        new_ref = replace(ref, transforms=(*kept, (field, Affine(shift_t, scale_t))))
+        return Dataset(replace(self._info, ref=new_ref), self._chunk_ids)
+
     # -- reading (client side, for tests and inspection) ----------------------
 
     def read(self, field: str, chunk_id: int) -> np.ndarray:

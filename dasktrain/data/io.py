@@ -26,6 +26,7 @@ become :class:`StoreError` or :class:`StoreNotFoundError` naming the URL; see
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -60,6 +61,7 @@ __all__ = [
     "DEFAULT_CODEC",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "Affine",
     "DatasetRef",
     "FieldSource",
     "StoreInfo",
@@ -133,6 +135,36 @@ _CONNECTION_ERRORS = frozenset(
 
 
 @dataclass(frozen=True)
+class Affine:
+    """A per-column affine map applied to a 2-d field on read:
+    ``(values - shift) / scale``, computed in the field's dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> Affine((1.0, 0.0), (2.0, 1.0)).apply(np.array([[3.0, 5.0]]))
+    array([[1., 5.]])
+    """
+
+    shift: tuple[float, ...]
+    scale: tuple[float, ...]
+    #: Identity of the numbers, part of the worker cache key of a chunk.
+    digest: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        numbers = np.asarray((*self.shift, *self.scale), dtype=np.float64)
+        object.__setattr__(
+            self, "digest", hashlib.sha256(numbers.tobytes()).hexdigest()[:16]
+        )
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        dtype = values.dtype
+        shift = np.asarray(self.shift, dtype=dtype)
+        scale = np.asarray(self.scale, dtype=dtype)
+        return ((values - shift) / scale).astype(dtype, copy=False)
+
+
+@dataclass(frozen=True)
 class FieldSource:
     """Where the values of one field of an in-place dataset live.
 
@@ -188,6 +220,9 @@ class DatasetRef:
         Empty for a dataset store in dasktrain's layout.  Otherwise the
         store at ``url`` is a foreign Zarr group read in place, and each
         field names the arrays it is read from (see :meth:`Dataset.from_zarr`).
+    transforms : tuple of (str, Affine), optional
+        Maps applied to fields as they are read (a standardized view of the
+        store, see :meth:`Dataset.with_transform`).
 
     Examples
     --------
@@ -206,6 +241,7 @@ class DatasetRef:
         default_factory=dict, repr=False, hash=False
     )
     sources: tuple[tuple[str, FieldSource], ...] = field(default=(), repr=False)
+    transforms: tuple[tuple[str, Affine], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         options = check_storage_options(self.storage_options)
@@ -217,6 +253,14 @@ class DatasetRef:
     def n_chunks(self) -> int:
         """Number of row chunks in the store."""
         return math.ceil(self.n_rows / self.chunk_rows)
+
+    @property
+    def cache_id(self) -> str:
+        """Identity of the values read through this ref: the store's uuid,
+        and the digests of its transforms (keys of the worker chunk cache)."""
+        if not self.transforms:
+            return self.uuid
+        return self.uuid + "".join(f"~{n}:{a.digest}" for n, a in self.transforms)
 
     @property
     def in_place(self) -> bool:
@@ -1225,7 +1269,8 @@ def read_chunk(ref: DatasetRef, field: str, chunk_id: int) -> np.ndarray:
     checked when a handle is opened, and for local stores again whenever the
     root ``zarr.json`` changes (one ``stat`` per read), so a store rewritten
     at the same path is never read with a stale ref.  A missing chunk is an
-    error (Zarr itself would return fill values).
+    error (Zarr itself would return fill values).  An in-place ref reads the
+    source arrays instead; the ref's transforms are applied last.
 
     Parameters
     ----------
@@ -1256,7 +1301,17 @@ def read_chunk(ref: DatasetRef, field: str, chunk_id: int) -> np.ndarray:
     array([8., 9.])
     """
     if ref.sources:
-        return _read_source_chunk(ref, field, chunk_id)
+        values = _read_source_chunk(ref, field, chunk_id)
+    else:
+        values = _read_stored_chunk(ref, field, chunk_id)
+    for name, affine in ref.transforms:
+        if name == field:
+            values = affine.apply(values)
+    return values
+
+
+def _read_stored_chunk(ref: DatasetRef, field: str, chunk_id: int) -> np.ndarray:
+    """One chunk of a store in dasktrain's layout (see :func:`read_chunk`)."""
     info = ref.field(field)
     start, stop = ref.chunk_bounds(chunk_id)
     handle = _get_handle(ref, field)
