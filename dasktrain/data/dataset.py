@@ -302,6 +302,8 @@ class Dataset:
         categorical: Sequence[str] = (),
         encoding: str = "onehot",
         n_buckets: int | None = None,
+        ids: Sequence[str] = (),
+        label_field: str = "y",
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         dtype: str = "float32",
         nan: str = "raise",
@@ -335,6 +337,14 @@ class Dataset:
             ``provenance["encoding"]``; :meth:`encode` applies it to new rows.
         n_buckets : int, optional
             Hash buckets of ``encoding="hash"`` (default ``2**20``).
+        ids : list of str
+            Categorical columns written as int64 fields of their own name:
+            the index of each value among the column's sorted categories
+            (``provenance["encoding"]["ids"]`` lists them), e.g. ``user`` and
+            ``item`` for :class:`~dasktrain.models.MatrixFactorization`
+            ``(n_users=len(categories of user), ...)``.
+        label_field : str
+            Field name of the label (``"rating"`` for matrix factorization).
         chunk_rows : int
             Rows per chunk of the new store.
         dtype : {"float32", "float64"}
@@ -370,6 +380,8 @@ class Dataset:
             categorical=categorical,
             encoding=encoding,
             n_buckets=n_buckets,
+            ids=ids,
+            label_field=label_field,
             chunk_rows=chunk_rows,
             dtype=dtype,
             nan=nan,

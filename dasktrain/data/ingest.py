@@ -176,6 +176,14 @@ class Encoding:
         The label column (``y``).
     dtype : {"float32", "float64"}
         Dtype of ``X`` (or ``values``).
+    ids : tuple of (str, tuple of str)
+        Categorical columns written as their own int64 fields, named after
+        the column: the index of the value in the sorted categories (e.g.
+        ``user`` and ``item`` ids for
+        :class:`~dasktrain.models.MatrixFactorization`).  A value not seen
+        when the dataset was written encodes as -1.
+    label_field : str
+        Name of the label's field (``"rating"`` for matrix factorization).
 
     Examples
     --------
@@ -192,6 +200,8 @@ class Encoding:
     n_buckets: int | None
     label: str | None
     dtype: str
+    ids: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    label_field: str = "y"
 
     # -- description --------------------------------------------------------
     @property
@@ -202,7 +212,8 @@ class Encoding:
     def input_columns(self) -> tuple[str, ...]:
         """Columns read from the table (features, then the label)."""
         label = (self.label,) if self.label is not None else ()
-        return (*self.numeric, *self.categorical_names, *label)
+        id_names = tuple(name for name, _ in self.ids)
+        return (*self.numeric, *self.categorical_names, *id_names, *label)
 
     def columns(self) -> dict[str, list[str]]:
         """For each field, the source column of each of its columns."""
@@ -214,8 +225,10 @@ class Encoding:
             out = {"X": x}
         else:
             out = {"ids": features, "values": features}
+        for name, _ in self.ids:
+            out[name] = [name]
         if self.label is not None:
-            out["y"] = [self.label]
+            out[self.label_field] = [self.label]
         return out
 
     def feature_names(self) -> list[str]:
@@ -231,14 +244,18 @@ class Encoding:
         width = len(self.numeric) + sum(len(c) for _, c in self.categorical)
         if self.kind == "onehot":
             out = {"X": FieldInfo((width,), self.dtype)} if width else {}
+        elif not (self.numeric or self.categorical):
+            out = {}
         else:
             n = len(self.numeric) + len(self.categorical)
             out = {
                 "ids": FieldInfo((n,), "int64"),
                 "values": FieldInfo((n,), self.dtype),
             }
+        for name, _ in self.ids:
+            out[name] = FieldInfo((), "int64")
         if label_dtype is not None:
-            out["y"] = FieldInfo((), label_dtype)
+            out[self.label_field] = FieldInfo((), label_dtype)
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -249,6 +266,8 @@ class Encoding:
             "n_buckets": self.n_buckets,
             "label": self.label,
             "dtype": self.dtype,
+            "ids": {name: list(cats) for name, cats in self.ids},
+            "label_field": self.label_field,
         }
 
     @classmethod
@@ -260,6 +279,8 @@ class Encoding:
             None if obj.get("n_buckets") is None else int(obj["n_buckets"]),
             obj.get("label"),
             str(obj["dtype"]),
+            tuple((str(k), tuple(v)) for k, v in dict(obj.get("ids", {})).items()),
+            str(obj.get("label_field", "y")),
         )
 
     # -- encoding ------------------------------------------------------------
@@ -270,7 +291,10 @@ class Encoding:
 
         Missing values become NaN (numeric columns, and the one-hot columns
         or the value of a missing category), so training data checks find
-        them.  The label is included only with ``with_label``.
+        them.  The label is included only with ``with_label``, and then id
+        fields come as float64 codes with NaN for a missing value (the
+        writer checks and casts them); else as int64, -1 for a value missing
+        or not seen when the dataset was written.
         """
         missing = [c for c in self.input_columns if c not in frame.columns]
         if not with_label and self.label in missing:
@@ -289,7 +313,7 @@ class Encoding:
                 blocks.append(_one_hot(frame[name], cats, dtype))
             if blocks:
                 out["X"] = np.concatenate(blocks, axis=1)
-        else:
+        elif self.numeric or self.categorical:
             assert self.n_buckets is not None
             ids, values = [], []
             for name, column in zip(self.numeric, numeric, strict=True):
@@ -304,8 +328,12 @@ class Encoding:
                 values.append(np.where(isna, np.nan, 1.0).astype(dtype))
             out["ids"] = np.stack(ids, axis=1).astype(np.int64)
             out["values"] = np.stack(values, axis=1)
+        for name, cats in self.ids:
+            series = frame[name]
+            index = np.asarray(_category_index(series, cats, include_nan=with_label))
+            out[name] = index if with_label else index.astype(np.int64)
         if with_label and self.label is not None:
-            out["y"] = _label_column(frame, self.label)
+            out[self.label_field] = _label_column(frame, self.label)
         return out
 
 
@@ -337,6 +365,20 @@ def _label_column(frame: pd.DataFrame, name: str) -> np.ndarray:
     if values.dtype.kind not in _NUMERIC_KINDS:
         values = series.to_numpy(dtype=np.float64)
     return values
+
+
+def _category_index(
+    series: pd.Series, cats: tuple[str, ...], *, include_nan: bool
+) -> np.ndarray:
+    """Index of each value in ``cats`` (-1 if absent); with ``include_nan``,
+    float64 with NaN for missing values."""
+    import pandas as pd
+
+    isna = series.isna().to_numpy()
+    codes = pd.Index(list(cats)).get_indexer(series.astype(str).to_numpy(dtype=object))
+    if not include_nan:
+        return np.where(isna, -1, codes).astype(np.int64)
+    return np.where(isna, np.nan, codes.astype(np.float64))
 
 
 def _one_hot(
@@ -508,6 +550,8 @@ def from_parquet(
     categorical: Sequence[str] = (),
     encoding: str = "onehot",
     n_buckets: int | None = None,
+    ids: Sequence[str] = (),
+    label_field: str = "y",
     chunk_rows: int,
     dtype: str = "float32",
     nan: str = "raise",
@@ -522,16 +566,26 @@ def from_parquet(
 
     numeric = _names(features, "features")
     cats = _names(categorical, "categorical")
+    id_cols = _names(ids, "ids")
     labels = _names(label, "label")
     if len(labels) > 1:
         raise TypeError(f"label must be one column name, got {label!r}")
-    if not numeric and not cats:
-        raise ValueError("give at least one feature column (features= or categorical=)")
-    both = sorted(set(numeric) & set(cats) | set(labels) & set(numeric + cats))
+    if not numeric and not cats and not id_cols:
+        raise ValueError(
+            "give at least one feature column (features=, categorical= or ids=)"
+        )
+    listed = [*numeric, *cats, *id_cols, *labels]
+    both = sorted({c for c in listed if listed.count(c) > 1})
     if both:
         raise ValueError(
-            f"columns {both} are listed twice (features, categorical, label)"
+            f"columns {both} are listed twice (features, categorical, ids, label)"
         )
+    for name in (*id_cols, label_field):
+        validate_field_name(name)
+    taken = {"X", "ids", "values"} if (numeric or cats) else set()
+    clash = sorted(taken & {*id_cols, label_field} | set(id_cols) & {label_field})
+    if clash:
+        raise ValueError(f"field names {clash} are used twice")
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
     nan = _check_nan(nan)
@@ -550,7 +604,7 @@ def from_parquet(
         raise StoreError(
             f"cannot read Parquet data {source!r}: {type(exc).__name__}: {exc}"
         ) from exc
-    wanted = [*numeric, *cats, *labels]
+    wanted = [*numeric, *cats, *id_cols, *labels]
     missing = [c for c in wanted if c not in table.columns]
     if missing:
         raise DataValidationError(
@@ -568,16 +622,17 @@ def from_parquet(
                 f"list it in categorical= to encode it"
             )
     table = table[wanted]
-    categories: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    if cats and encoding == "onehot":
-        # Sync point: the distinct values of each categorical column.
-        uniques = dask.compute(*[table[c].dropna().astype(str).unique() for c in cats])
-        categories = tuple(
-            (c, tuple(sorted(str(v) for v in u)))
-            for c, u in zip(cats, uniques, strict=True)
-        )
-    else:
-        categories = tuple((c, ()) for c in cats)
+    listed_cats = (*cats, *id_cols) if encoding == "onehot" else id_cols
+    # Sync point: the distinct values of the categorical columns.
+    uniques = dask.compute(
+        *[table[c].dropna().astype(str).unique() for c in listed_cats]
+    )
+    found = {
+        c: tuple(sorted(str(v) for v in u))
+        for c, u in zip(listed_cats, uniques, strict=True)
+    }
+    categories = tuple((c, found.get(c, ())) for c in cats)
+    id_categories = tuple((c, found[c]) for c in id_cols)
     if encoding == "hash":
         n_buckets = DEFAULT_N_BUCKETS if n_buckets is None else int(n_buckets)
         if n_buckets < 1:
@@ -589,6 +644,8 @@ def from_parquet(
         n_buckets if encoding == "hash" else None,
         labels[0] if labels else None,
         x_dtype,
+        id_categories,
+        label_field,
     )
     label_dtype = None
     if labels:

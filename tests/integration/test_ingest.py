@@ -142,6 +142,61 @@ def test_parquet_hashed_features_match_the_encoding(
     trainer.close()
 
 
+def test_parquet_id_columns_feed_matrix_factorization(
+    client: Client, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(5)
+    n = 600
+    frame = pd.DataFrame(
+        {
+            "user": rng.choice([f"u{i}" for i in range(30)], n),
+            "item": rng.choice(["apple", "pear", "fig", "kiwi", "plum"], n),
+            "stars": rng.integers(1, 6, n).astype("float32"),
+        }
+    )
+    frame.loc[7, "item"] = None
+    frame.to_parquet(tmp_path / "r.parquet", index=False)
+    with pytest.raises(DataValidationError, match=r"column 'item' has NaN .* row 7\b"):
+        dt.Dataset.from_parquet(
+            tmp_path / "r.parquet",
+            tmp_path / "bad.zarr",
+            ids=["user", "item"],
+            label="stars",
+            label_field="rating",
+        )
+    ds = dt.Dataset.from_parquet(
+        tmp_path / "r.parquet",
+        tmp_path / "r.zarr",
+        ids=["user", "item"],
+        label="stars",
+        label_field="rating",
+        chunk_rows=128,
+        nan="drop",
+    )
+    assert sorted(ds.fields) == ["item", "rating", "user"]
+    assert ds.fields["user"].dtype == "int64" and ds.n_rows == n - 1
+    cats = ds.provenance["encoding"]["ids"]
+    assert cats["item"] == ["apple", "fig", "kiwi", "pear", "plum"]
+    clean = frame.drop(index=7)
+    np.testing.assert_array_equal(
+        np.asarray(cats["user"])[_all(ds, "user")], clean["user"].to_numpy()
+    )
+    np.testing.assert_array_equal(
+        np.asarray(cats["item"])[_all(ds, "item")], clean["item"].to_numpy()
+    )
+    np.testing.assert_array_equal(_all(ds, "rating"), clean["stars"].to_numpy())
+    model = dt.models.MatrixFactorization(len(cats["user"]), len(cats["item"]), rank=2)
+    trainer = dt.Trainer(
+        model, dt.optim.Adagrad(0.1), store=tmp_path / "mf.zarr", client=client
+    )
+    trainer.fit(ds, epochs=1, batch_rows=128, progress=False)
+    new = pd.DataFrame({"user": ["u3", "u9"], "item": ["fig", "plum"]})
+    encoded = ds.encode(new)
+    assert encoded["item"].tolist() == [1, 4]
+    assert trainer.predict(encoded).shape == (2,)
+    trainer.close()
+
+
 def test_parquet_nan_raise_names_column_and_row_drop_matches_pandas(
     client: Client, tmp_path: Path
 ) -> None:
