@@ -397,6 +397,25 @@ def test_zarr_written_by_xarray_trains_in_place(
     assert _files(path) == before  # nothing written to the source store
 
 
+def test_zarr_v2_store_written_by_xarray_is_read_in_place(
+    client: Client, xr_store: tuple[Path, xr.Dataset], tmp_path: Path
+) -> None:
+    _, grid = xr_store
+    path = tmp_path / "v2.zarr"
+    grid.chunk({"time": 40}).to_zarr(path, mode="w", zarr_format=2)
+    before = _files(path)
+    ds = dt.Dataset.from_zarr(
+        path, fields={"X": ["u10", "t2m"], "y": "rain"}, sample_dim="time"
+    )
+    assert ds.in_place and ds.chunk_rows == 40 and ds.n_chunks == 5
+    expected = np.column_stack(
+        [grid["u10"].values, grid["t2m"].transpose("time", "level").values]
+    )
+    np.testing.assert_array_equal(ds.to_dask("X").compute(), expected)
+    np.testing.assert_array_equal(ds.to_dask("y").compute(), grid["rain"].values)
+    assert _files(path) == before
+
+
 def test_zarr_in_place_matches_the_copy_and_rechunks_when_needed(
     client: Client, tmp_path: Path
 ) -> None:
