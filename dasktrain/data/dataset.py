@@ -51,7 +51,9 @@ _FRACTION_DIGITS = 9
 class Dataset:
     """A dataset store on disk (or a view of some of its chunks).
 
-    Create one with :meth:`from_arrays`, :meth:`from_dask`, :meth:`open` or a
+    Create one with :meth:`from_arrays`, :meth:`from_dask`,
+    :meth:`from_parquet`, :meth:`from_xarray`, :meth:`from_zarr` (in place,
+    without a copy, when the store's row chunks allow it), :meth:`open` or a
     generator in :mod:`dasktrain.datasets`.  A ``Dataset`` holds metadata
     only; workers read the chunks.  Views (from :meth:`split` and
     :meth:`subset`) share the store and differ only in :attr:`chunk_ids`.
