@@ -9,7 +9,7 @@ Examples
 
 from __future__ import annotations
 
-from dasktrain import datasets, errors, models, optim
+from dasktrain import datasets, errors, models, optim, preprocessing
 from dasktrain.callbacks import Callback, EarlyStopping, ProgressBar
 from dasktrain.data import Dataset
 from dasktrain.history import History
@@ -31,4 +31,5 @@ __all__ = [
     "errors",
     "models",
     "optim",
+    "preprocessing",
 ]

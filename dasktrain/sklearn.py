@@ -489,6 +489,7 @@ class _DasktrainEstimator(BaseEstimator):
     random_state: Any
     verbose: bool
     tol: Any
+    standardize: bool
 
     # -- hooks of the estimators -------------------------------------------
     @abstractmethod
@@ -513,6 +514,7 @@ class _DasktrainEstimator(BaseEstimator):
         classes: Any = None,
     ) -> _DasktrainEstimator:
         _check_chunk_rows(self.chunk_rows)
+        _check_choice("standardize", self.standardize, (False, True))
         self._plan(1, None)  # check the hyper-parameters before any I/O
         continuing = partial and hasattr(self, "store_")
         if not continuing:
@@ -549,6 +551,7 @@ class _DasktrainEstimator(BaseEstimator):
             client=client,
             seed=seed,
             keep_versions=KEEP_VERSIONS,
+            standardize=bool(self.standardize),
         ) as trainer:
             if plateau is None:
                 trainer.fit(
@@ -614,6 +617,7 @@ class _DasktrainEstimator(BaseEstimator):
                 client=client,
                 seed=self._seed,
                 keep_versions=KEEP_VERSIONS,
+                standardize=bool(self.standardize),
             )
         except ConfigMismatchError as exc:
             raise ValueError(
@@ -641,6 +645,7 @@ class _DasktrainEstimator(BaseEstimator):
             self.classes_ = data.classes
         self._set_learned(trainer.params)
         self._fitted_model = trainer.model
+        self._standardize = trainer.standardize
         self.history_: History = History(trainer.history.rows)
         self.n_iter_: int = trainer.epoch
         self.store_: str = store
@@ -682,6 +687,18 @@ class _DasktrainEstimator(BaseEstimator):
     ) -> _Input:
         if _is_store(X):
             return self._ingest_store(X, y, client=client, reset=reset, classes=classes)
+        if _is_dask_frame(X) or _is_dask_frame(y):
+            names = getattr(X, "columns", None)
+            with _scheduler_config(client):
+                if _is_dask_frame(X):
+                    X = self._frame_features(X, reset=reset)
+                if _is_dask_frame(y):
+                    # Sync point: the partitions' lengths (rows of each block).
+                    y = y.to_dask_array(lengths=True)
+            data = self._ingest_dask(X, y, client=client, reset=reset, classes=classes)
+            if reset and names is not None:
+                self.feature_names_in_ = np.asarray([str(c) for c in names], object)
+            return data
         if _is_dask(X) or _is_dask(y):
             return self._ingest_dask(X, y, client=client, reset=reset, classes=classes)
         return self._ingest_arrays(X, y, reset=reset, classes=classes)
@@ -808,6 +825,31 @@ class _DasktrainEstimator(BaseEstimator):
             )
         return _Input(copy, scratch=path, classes=found)
 
+    def _frame_features(self, X: Any, *, reset: bool) -> Any:
+        """A Dask DataFrame's numeric columns as a Dask array with known
+        chunk sizes (the frame is never gathered)."""
+        if hasattr(X, "columns"):
+            bad = [str(c) for c, t in X.dtypes.items() if t.kind not in "biuf"]
+            if bad:
+                raise ValueError(
+                    f"X has non-numeric columns {bad}; encode them first (e.g. "
+                    f"Dataset.from_parquet(categorical=...))"
+                )
+            known = getattr(self, "feature_names_in_", None)
+            if (
+                not reset
+                and known is not None
+                and list(known) != [str(c) for c in X.columns]
+            ):
+                raise ValueError(
+                    f"X has columns {list(X.columns)}, but {type(self).__name__} "
+                    f"was fitted with {list(known)}"
+                )
+        else:
+            X = X.to_frame()
+        # Sync point: the partitions' lengths (rows of each block).
+        return X.to_dask_array(lengths=True)
+
     def _check_width(self, n_features: int, *, reset: bool) -> None:
         if reset:
             self.n_features_in_ = int(n_features)
@@ -851,10 +893,15 @@ class _DasktrainEstimator(BaseEstimator):
         fn = functools.partial(
             getattr(self._fitted_model, _MODEL_METHODS[output]), self._model_params()
         )
+        standardize = getattr(self, "_standardize", None)
+        if standardize is not None:
+            fn = functools.partial(_standardized, fn, standardize)
         labels = output == "predict" and self._is_classifier_model
         if _is_store(X):
             ds = X if isinstance(X, Dataset) else Dataset.open(X)
             X = ds.to_dask("X")
+        elif _is_dask_frame(X):
+            X = self._frame_features(X, reset=False)
         if not _is_dask(X):
             X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
             out = np.asarray(fn(X))
@@ -901,6 +948,23 @@ class _DasktrainEstimator(BaseEstimator):
             pred = self._apply(X if _is_dask(X) else da.asarray(X), "predict")
             return pred, y if _is_dask(y) else da.asarray(np.asarray(y)), True
         return None, y, False
+
+
+def _is_dask_frame(a: object) -> bool:
+    return type(a).__module__.startswith("dask.dataframe") and hasattr(
+        a, "to_dask_array"
+    )
+
+
+def _scheduler_config(client: Client) -> Any:
+    import dask
+
+    return dask.config.set(scheduler=client)
+
+
+def _standardized(fn: Any, standardize: Any, X: np.ndarray) -> Any:
+    """``fn`` of standardized features (the run's statistics)."""
+    return fn(standardize.transform(X))
 
 
 def _dask_features(X: da.Array) -> da.Array:
@@ -1113,6 +1177,12 @@ class LogisticRegression(_Classifier):
         Seeds the run (minibatch order).
     verbose : bool, default=False
         Show a progress bar.
+    standardize : bool, default=False
+        Train on standardized features ``(X - mean) / std``, with statistics
+        computed on the cluster in one pass and stored with the run (see
+        :mod:`dasktrain.preprocessing`); predictions standardize their input.
+        ``coef_`` then applies to standardized features, as behind a
+        ``StandardScaler``.
 
     Attributes
     ----------
@@ -1159,6 +1229,7 @@ class LogisticRegression(_Classifier):
         client: Any = None,
         random_state: Any = None,
         verbose: bool = False,
+        standardize: bool = False,
     ) -> None:
         self.penalty = penalty
         self.C = C
@@ -1172,6 +1243,7 @@ class LogisticRegression(_Classifier):
         self.client = client
         self.random_state = random_state
         self.verbose = verbose
+        self.standardize = standardize
 
     def fit(self, X: Any, y: Any = None) -> LogisticRegression:
         """Train on ``X`` and ``y`` (or on a Dataset or store path ``X``).
@@ -1238,7 +1310,7 @@ class LinearRegression(_Regressor):
         Stop when ``max|gradient| <= tol * max(1, |objective|)``.
     solver : {"auto", "newton", "lbfgs"}, default="auto"
         As in :class:`LogisticRegression`.
-    chunk_rows, store_dir, client, random_state, verbose
+    chunk_rows, store_dir, client, random_state, verbose, standardize
         As in :class:`LogisticRegression`.
 
     Attributes
@@ -1270,6 +1342,7 @@ class LinearRegression(_Regressor):
         client: Any = None,
         random_state: Any = None,
         verbose: bool = False,
+        standardize: bool = False,
     ) -> None:
         self.alpha = alpha
         self.max_iter = max_iter
@@ -1280,6 +1353,7 @@ class LinearRegression(_Regressor):
         self.client = client
         self.random_state = random_state
         self.verbose = verbose
+        self.standardize = standardize
 
     def fit(self, X: Any, y: Any = None) -> LinearRegression:
         """Train on ``X`` and ``y`` (or on a Dataset or store path ``X``).
@@ -1377,7 +1451,7 @@ class SGDClassifier(_SGDMixin, _Classifier):
     nesterov : bool, default=False
     batch_size : int or None, default=256
         Rows per step; ``None`` for full batches.
-    chunk_rows, store_dir, client, random_state, verbose
+    chunk_rows, store_dir, client, random_state, verbose, standardize
         As in :class:`LogisticRegression`.
 
     Attributes
@@ -1421,6 +1495,7 @@ class SGDClassifier(_SGDMixin, _Classifier):
         client: Any = None,
         random_state: Any = None,
         verbose: bool = False,
+        standardize: bool = False,
     ) -> None:
         self.loss = loss
         self.penalty = penalty
@@ -1438,6 +1513,7 @@ class SGDClassifier(_SGDMixin, _Classifier):
         self.client = client
         self.random_state = random_state
         self.verbose = verbose
+        self.standardize = standardize
 
     def fit(self, X: Any, y: Any = None) -> SGDClassifier:
         """Train a new run for up to ``max_iter`` epochs.
@@ -1497,7 +1573,7 @@ class SGDRegressor(_SGDMixin, _Regressor):
     loss : {"squared_error"}, default="squared_error"
     penalty, alpha, l1_ratio, max_iter, tol, n_iter_no_change, learning_rate,
     momentum, nesterov, batch_size, chunk_rows, store_dir, client,
-    random_state, verbose
+    random_state, verbose, standardize
         As in :class:`SGDClassifier`.
 
     Attributes
@@ -1537,6 +1613,7 @@ class SGDRegressor(_SGDMixin, _Regressor):
         client: Any = None,
         random_state: Any = None,
         verbose: bool = False,
+        standardize: bool = False,
     ) -> None:
         self.loss = loss
         self.penalty = penalty
@@ -1554,6 +1631,7 @@ class SGDRegressor(_SGDMixin, _Regressor):
         self.client = client
         self.random_state = random_state
         self.verbose = verbose
+        self.standardize = standardize
 
     def fit(self, X: Any, y: Any = None) -> SGDRegressor:
         """Train a new run for up to ``max_iter`` epochs.
@@ -1615,7 +1693,7 @@ class MLPClassifier(_Classifier):
         For ``solver="sgd"``.
     nesterovs_momentum : bool, default=True
         For ``solver="sgd"``.
-    chunk_rows, store_dir, client, random_state, verbose
+    chunk_rows, store_dir, client, random_state, verbose, standardize
         As in :class:`LogisticRegression`.
 
     Attributes
@@ -1668,6 +1746,7 @@ class MLPClassifier(_Classifier):
         client: Any = None,
         random_state: Any = None,
         verbose: bool = False,
+        standardize: bool = False,
     ) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
@@ -1685,6 +1764,7 @@ class MLPClassifier(_Classifier):
         self.client = client
         self.random_state = random_state
         self.verbose = verbose
+        self.standardize = standardize
 
     def fit(self, X: Any, y: Any = None) -> MLPClassifier:
         """Train a new run for up to ``max_iter`` epochs.

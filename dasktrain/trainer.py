@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,13 @@ from dasktrain.params.tables import (
     ParamStoreRef,
     open_table_array,
     read_rows,
+)
+from dasktrain.preprocessing import (
+    MAX_CANCELLATION,
+    Moments,
+    Standardize,
+    moment_statistics,
+    standardize_option,
 )
 from dasktrain.schema import Schema
 
@@ -106,6 +114,13 @@ class Trainer:
         endpoint...), used by the client and sent to the workers that read
         and write sharded tables; ignored for local paths.  Without them, the
         filesystem configures itself from the environment.
+    standardize:
+        ``True`` (or a :class:`~dasktrain.preprocessing.Standardize` naming
+        some columns) trains on standardized features ``(X - mean) / std``:
+        the statistics are computed in one pass over the training data when
+        the run starts, stored in the parameter store's metadata, and applied
+        by ``fit``, ``evaluate``, ``predict`` and resumed trainers (see
+        :mod:`dasktrain.preprocessing`).  Models that read ``X`` only.
 
     Examples
     --------
@@ -133,6 +148,7 @@ class Trainer:
         sharded: bool | None = None,
         shard_rows: int | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        standardize: bool | Standardize = False,
     ) -> None:
         if not isinstance(model, Model):
             raise TypeError(
@@ -184,6 +200,12 @@ class Trainer:
             raise ValueError(
                 f"shard_rows must be a positive integer, got {shard_rows!r}"
             )
+        self._standardize = standardize_option(standardize)
+        if self._standardize is not None and "X" not in model.fields:
+            raise ValueError(
+                f"standardize applies to models that read X, not "
+                f"{type(model).__name__} (fields {list(model.fields)})"
+            )
         if isinstance(model, SparseModel) and sharded is None:
             total = sum(t.nbytes for t in model.tables().values())
             sharded = total > DENSE_TABLE_LIMIT_BYTES
@@ -226,6 +248,8 @@ class Trainer:
             optimizer = optimizer_from_config(meta["optimizer"])
             seed = int(meta["seed"])
             sharded = bool(ps.table_layouts())
+            stored = meta.get("preprocessing", {}).get("standardize")
+            standardize = None if stored is None else Standardize.from_config(stored)
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(
                 f"parameter store {os.fspath(store)!r} does not describe a run: {exc}"
@@ -240,6 +264,7 @@ class Trainer:
             cache_fraction=cache_fraction,
             sharded=sharded,
             storage_options=storage_options,
+            standardize=standardize or False,
         )
 
     def _store_exists(self) -> bool:
@@ -273,6 +298,32 @@ class Trainer:
                 f"parameter store {self.store_path!r} was trained with seed "
                 f"{meta.get('seed')}, not {self.seed}"
             )
+        self._adopt_standardize(meta)
+
+    def _adopt_standardize(self, meta: Mapping[str, Any]) -> None:
+        """Check the store's standardization against this trainer's, and take
+        its statistics."""
+        stored_config = meta.get("preprocessing", {}).get("standardize")
+        stored = (
+            None if stored_config is None else Standardize.from_config(stored_config)
+        )
+        ours = self._standardize
+        if (stored is None) != (ours is None) or (
+            stored is not None
+            and ours is not None
+            and (
+                not stored.same_spec(ours)
+                or (stored.fitted and ours.fitted and stored != ours)
+            )
+        ):
+            raise ConfigMismatchError(
+                f"parameter store {self.store_path!r} holds a run with "
+                f"standardize={None if stored is None else stored.config()}, this "
+                f"trainer has standardize={None if ours is None else ours.config()}; "
+                f"use the same option (or Trainer.resume)"
+            )
+        if stored is not None and stored.fitted:
+            self._standardize = stored
 
     # -- public properties -----------------------------------------------------
     @property
@@ -334,6 +385,7 @@ class Trainer:
         prog = meta.get("progress", {})
         tables = list(ps.table_layouts(version.step).values())
         self._schema = Schema.from_json(meta["schema"]) if "schema" in meta else None
+        self._adopt_standardize(meta)
         return Run(
             params={k: np.asarray(v) for k, v in version.params.items()},
             opt_state={k: np.asarray(v) for k, v in version.opt_state.items()},
@@ -371,6 +423,11 @@ class Trainer:
             "history": run.history.rows,
             "callbacks": run.callbacks,
             "writer": {"host": socket.gethostname(), "pid": os.getpid()},
+            **(
+                {"preprocessing": {"standardize": self._standardize.config()}}
+                if self._standardize is not None
+                else {}
+            ),
         }
 
     def _commit(
@@ -612,8 +669,18 @@ class Trainer:
     ) -> History:
         """The body of :meth:`fit`, run while holding the store's lock."""
         ps.cleanup()
+        if (
+            self._standardize is not None
+            and not self._standardize.fitted
+            and ps.committed is None
+        ):
+            self._standardize = self._fit_standardize(data, options.on_nonfinite)
         run = self._start_run(ps, data)
         self._run = run
+        # The model sees standardized features (read so on the workers).
+        data = self._prepared(data)
+        if options.validation is not None:
+            options = replace(options, validation=self._prepared(options.validation))
         batch_rows, local_steps = options.batch_rows, options.local_steps
         self._check_resumable(run, data, batch_rows)
         if run.epoch_step != 0 and run.local_steps != local_steps:
@@ -946,6 +1013,7 @@ class Trainer:
         self.model.check_schema(data.schema)
         run = self._current_run()
         self._check_features(data)
+        data = self._prepared(data)
         if run.tables:
             assert run.table_step is not None
             assert isinstance(self.model, SparseModel)
@@ -971,6 +1039,57 @@ class Trainer:
                 nonfinite=on_nonfinite,
             ).partial
         return {k: float(v) for k, v in self.model.summarize(partial).items()}
+
+    # -- standardization ----------------------------------------------------------
+    def _fit_standardize(self, data: Dataset, on_nonfinite: str) -> Standardize:
+        """The standardization statistics of ``data``: one pass on the
+        cluster, the chunks' moments summed by the fixed tree."""
+        spec = self._standardize
+        assert spec is not None
+        spec.check_width(data.n_features)
+        moments = Moments()
+        moments.check_schema(data.schema)
+        # The pass sums about a shift in X's dtype (the workers cast it so).
+        shift = np.zeros(data.n_features, dtype=np.dtype(data.fields["X"].dtype))
+        for _ in range(2):
+            # One pass on the cluster (sync point).
+            partial = self._engine.run_pass(
+                data.ref,
+                moments,
+                {"shift": shift},
+                full_pass(data.chunk_ids, data.chunk_n_rows),
+                placement_chunks=data.chunk_ids,
+                nonfinite=on_nonfinite,
+            ).partial
+            mean, std, cancellation = moment_statistics(partial, shift)
+            if cancellation <= MAX_CANCELLATION:
+                break
+            # Data far from zero for their spread: again about their mean.
+            shift = mean.astype(shift.dtype)
+        logger.info(
+            "standardization statistics of %s from %d rows", data.path, partial.n_rows
+        )
+        return spec.with_statistics(mean, std)
+
+    def _prepared(self, data: Dataset) -> Dataset:
+        """``data`` as the model sees it: standardized when the run is."""
+        spec = self._standardize
+        if spec is None:
+            return data
+        if spec.mean is None or spec.std is None:
+            raise RuntimeError(
+                "the standardization statistics are not known yet: call fit() first"
+            )
+        spec.check_width(data.n_features)
+        return data.with_transform("X", shift=spec.mean, scale=spec.std)
+
+    @property
+    def standardize(self) -> Standardize | None:
+        """The run's standardization (with its statistics once fitted)."""
+        if self._standardize is not None and not self._standardize.fitted:
+            with contextlib.suppress(RuntimeError):
+                self._current_run()
+        return self._standardize
 
     def _check_features(self, data: Dataset) -> None:
         if (
@@ -1003,7 +1122,13 @@ class Trainer:
         fn = getattr(self.model, kind)
         if isinstance(X, Dataset):
             self._check_features(X)
-            X = X.to_dask("X")
+            X = self._prepared(X).to_dask("X")
+        elif self._standardize is not None and isinstance(X, da.Array):
+            self._check_width(X.shape[1])
+            X = X.rechunk({1: -1}).map_blocks(
+                self._standardize.transform,
+                dtype=X.dtype if X.dtype.kind == "f" else np.float64,
+            )
         if isinstance(X, da.Array):
             if X.ndim != 2:
                 raise ValueError(f"X must be 2-d, got shape {X.shape}")
@@ -1028,6 +1153,8 @@ class Trainer:
         if arr.dtype.kind not in "fiub":
             raise TypeError(f"X must be numeric, got dtype {arr.dtype}")
         self._check_width(arr.shape[1])
+        if self._standardize is not None:
+            arr = self._standardize.transform(arr)
         return fn(params, arr if arr.dtype.kind == "f" else arr.astype(np.float64))
 
     def _check_width(self, width: int) -> None:

@@ -6,7 +6,7 @@ import html
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,7 +51,9 @@ _FRACTION_DIGITS = 9
 class Dataset:
     """A dataset store on disk (or a view of some of its chunks).
 
-    Create one with :meth:`from_arrays`, :meth:`from_dask`, :meth:`open` or a
+    Create one with :meth:`from_arrays`, :meth:`from_dask`,
+    :meth:`from_parquet`, :meth:`from_xarray`, :meth:`from_zarr` (in place,
+    without a copy, when the store's row chunks allow it), :meth:`open` or a
     generator in :mod:`dasktrain.datasets`.  A ``Dataset`` holds metadata
     only; workers read the chunks.  Views (from :meth:`split` and
     :meth:`subset`) share the store and differ only in :attr:`chunk_ids`.
@@ -291,6 +293,267 @@ class Dataset:
         finalize_store(url, provenance={"source": source}, storage_options=options)
         return cls.open(url, storage_options=options)
 
+    @classmethod
+    def from_parquet(
+        cls,
+        url: str | os.PathLike[str],
+        store: str | os.PathLike[str],
+        *,
+        features: Sequence[str] = (),
+        label: str | None = None,
+        categorical: Sequence[str] = (),
+        encoding: str = "onehot",
+        n_buckets: int | None = None,
+        ids: Sequence[str] = (),
+        label_field: str = "y",
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        dtype: str = "float32",
+        nan: str = "raise",
+        codec: str = DEFAULT_CODEC,
+        overwrite: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> Dataset:
+        """Write a Parquet table (file, directory or fsspec URL) as a dataset
+        store, out of core, in tasks on the current Dask scheduler.
+
+        The table is read through ``dask.dataframe``, one partition per task;
+        the client reads the schema and receives row counts only.
+
+        Parameters
+        ----------
+        url : str or os.PathLike
+            Parquet data (anything ``dask.dataframe.read_parquet`` reads).
+        store : str or os.PathLike
+            The dataset store to write.
+        features : list of str
+            Numeric (or bool) columns, in order, the first columns of ``X``.
+        label : str, optional
+            The label column, written as ``y`` with its own dtype.
+        categorical : list of str
+            Columns of categories (strings, integers...).
+            ``encoding="onehot"`` appends one ``X`` column per category seen
+            (sorted); ``encoding="hash"`` writes every feature column as a
+            hashed id in ``ids`` with its value in ``values`` (1 for a
+            category), for :class:`~dasktrain.models.SparseLogisticRegression`
+            ``(n_buckets, use_values=True)``.  The encoding is kept in
+            ``provenance["encoding"]``; :meth:`encode` applies it to new rows.
+        n_buckets : int, optional
+            Hash buckets of ``encoding="hash"`` (default ``2**20``).
+        ids : list of str
+            Categorical columns written as int64 fields of their own name:
+            the index of each value among the column's sorted categories
+            (``provenance["encoding"]["ids"]`` lists them), e.g. ``user`` and
+            ``item`` for :class:`~dasktrain.models.MatrixFactorization`
+            ``(n_users=len(categories of user), ...)``.
+        label_field : str
+            Field name of the label (``"rating"`` for matrix factorization).
+        chunk_rows : int
+            Rows per chunk of the new store.
+        dtype : {"float32", "float64"}
+            Dtype of ``X`` (or ``values``).
+        nan : {"raise", "drop"}
+            A missing or non-finite value (numeric NaN/inf, a null category
+            or label): raise :class:`DataValidationError` naming the column
+            and row before anything is written, or drop the row.
+        codec, overwrite, storage_options
+            As for :meth:`from_arrays`; ``storage_options`` is used to read
+            ``url`` and to write ``store``.
+
+        Raises
+        ------
+        DataValidationError
+            A missing column, a non-numeric feature or label (the message
+            names it and suggests ``categorical=``), or (``nan="raise"``) a
+            missing value (naming column and row).
+        StoreNotFoundError
+            Nothing at ``url``.
+
+        Examples
+        --------
+        See :mod:`dasktrain.data.ingest`.
+        """
+        from dasktrain.data.ingest import from_parquet
+
+        return from_parquet(
+            url,
+            store,
+            features=features,
+            label=label,
+            categorical=categorical,
+            encoding=encoding,
+            n_buckets=n_buckets,
+            ids=ids,
+            label_field=label_field,
+            chunk_rows=chunk_rows,
+            dtype=dtype,
+            nan=nan,
+            codec=codec,
+            overwrite=overwrite,
+            storage_options=storage_options,
+        )
+
+    @classmethod
+    def from_xarray(
+        cls,
+        data: Any,
+        store: str | os.PathLike[str],
+        *,
+        features: str | Sequence[str],
+        label: str | None = None,
+        sample_dims: str | Sequence[str],
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        dtype: str = "float32",
+        nan: str = "raise",
+        codec: str = DEFAULT_CODEC,
+        overwrite: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> Dataset:
+        """Write variables of an ``xarray.Dataset`` as a dataset store, in
+        tasks on the current Dask scheduler (dask-backed variables are never
+        loaded whole).
+
+        Rows are the points of ``sample_dims`` (one dimension, or several
+        stacked in C order: ``("time", "lat", "lon")`` makes a row per grid
+        point and time), wherever they sit among a variable's dimensions.
+        Each feature variable contributes its remaining dimensions, flattened
+        in C order, as columns of ``X`` (``provenance["feature_names"]`` names
+        the variable of each column); ``label`` must have no other dimension.
+
+        ``dtype``, ``nan``, ``chunk_rows``, ``codec``, ``overwrite`` and
+        ``storage_options`` are those of :meth:`from_parquet`.
+
+        Raises
+        ------
+        DataValidationError
+            A missing variable, one lacking a sample dimension, a non-numeric
+            one, or (``nan="raise"``) a missing value (naming variable and row).
+
+        Examples
+        --------
+        >>> import numpy as np, xarray as xr, tempfile, os, dask
+        >>> grid = xr.Dataset({"t": (("lat", "time"), np.arange(6.0).reshape(2, 3))})
+        >>> path = os.path.join(tempfile.mkdtemp(), "d.zarr")
+        >>> with dask.config.set(scheduler="synchronous"):
+        ...     ds = Dataset.from_xarray(grid, path, features=["t"], sample_dims="time",
+        ...                              chunk_rows=2)
+        >>> ds.read("X", 0)
+        array([[0., 3.],
+               [1., 4.]], dtype=float32)
+        """
+        from dasktrain.data.ingest import from_xarray
+
+        return from_xarray(
+            data,
+            store,
+            features=features,
+            label=label,
+            sample_dims=sample_dims,
+            chunk_rows=chunk_rows,
+            dtype=dtype,
+            nan=nan,
+            codec=codec,
+            overwrite=overwrite,
+            storage_options=storage_options,
+        )
+
+    @classmethod
+    def from_zarr(
+        cls,
+        group: str | os.PathLike[str],
+        *,
+        fields: Mapping[str, str | Sequence[str]],
+        sample_dim: str | None = None,
+        store: str | os.PathLike[str] | None = None,
+        chunk_rows: int | None = None,
+        nan: str = "raise",
+        codec: str = DEFAULT_CODEC,
+        overwrite: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> Dataset:
+        """Train on an existing Zarr group (v2 or v3): in place when its
+        chunks allow it, else through a rechunked copy.
+
+        ``fields`` maps dataset fields to the group's arrays: ``{"X": ["t2m",
+        "u10"], "y": "rain"}``.  ``X`` may combine several arrays: each
+        one's non-sample axes are flattened (C order) into columns.  Rows are
+        indexed by axis 0, or by the dimension ``sample_dim`` (found in Zarr
+        v3 ``dimension_names`` or xarray's ``_ARRAY_DIMENSIONS``), in any
+        position.
+
+        **In place** (no copy, nothing written): when every array has the
+        same chunk length along its sample axis (its shard length, if it is
+        sharded), as stores written by xarray or dask with row chunks have.
+        The returned dataset describes which arrays feed which field; workers
+        read the source chunks directly, each dataset chunk being one chunk
+        length of rows (other axes may be chunked in any way).  Values are
+        cast to the field dtype on read (``X``: float32 if every source is
+        float32, else float64).  Chunks the writer skipped read as the fill
+        value (as in Zarr); non-finite values are found during training
+        (``fit(on_nonfinite=...)``).  Its :attr:`uuid` is derived from the
+        arrays' names, shapes, chunks and dtypes, so the same call describes
+        the same dataset (a resumed run accepts it); a read refuses an array
+        whose shape, chunks or dtype have changed since.
+
+        **Rechunked copy**: when the chunk lengths differ, ``chunk_rows``
+        asks for other chunks, or ``nan="drop"``, the data is rechunked on
+        the workers into the new dataset store ``store`` (required then),
+        with the options and checks of :meth:`from_parquet`.
+
+        Raises
+        ------
+        DataValidationError
+            A missing array (the message lists the group's arrays), a
+            non-numeric one, a missing sample dimension, lengths that differ
+            along the sample axis, or a copy needed without ``store``.
+        StoreNotFoundError
+            Nothing at ``group``.
+
+        Examples
+        --------
+        >>> import numpy as np, zarr, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "src.zarr")
+        >>> root = zarr.open_group(path, mode="w")
+        >>> a = root.create_array("a", shape=(10, 2), chunks=(4, 2), dtype="f4")
+        >>> a[:] = np.arange(20).reshape(10, 2)
+        >>> ds = Dataset.from_zarr(path, fields={"X": "a"})
+        >>> ds.n_chunks, ds.codec, ds.read("X", 2)
+        (3, 'in-place', array([[16., 17.],
+               [18., 19.]], dtype=float32))
+        """
+        from dasktrain.data.ingest import from_zarr
+
+        return from_zarr(
+            group,
+            fields=fields,
+            sample_dim=sample_dim,
+            store=store,
+            chunk_rows=chunk_rows,
+            nan=nan,
+            codec=codec,
+            overwrite=overwrite,
+            storage_options=storage_options,
+        )
+
+    def encode(self, frame: Any) -> dict[str, np.ndarray]:
+        """Model inputs of new rows (a pandas DataFrame), encoded as this
+        dataset's table was (:meth:`from_parquet`): ``{"X": ...}`` or
+        ``{"ids": ..., "values": ...}``, ready for ``Trainer.predict``.
+
+        Raises
+        ------
+        ValueError
+            The dataset was not written from a table.
+        """
+        from dasktrain.data.ingest import Encoding
+
+        spec = self._info.provenance.get("encoding")
+        if not isinstance(spec, dict):
+            raise ValueError(
+                f"dataset {self.path!r} was not written from a table "
+                f"(Dataset.from_parquet); it has no encoding"
+            )
+        return Encoding.from_json(spec).encode(frame)
+
     # -- description ----------------------------------------------------------
 
     @property
@@ -315,8 +578,21 @@ class Dataset:
 
     @property
     def codec(self) -> str:
-        """Compression of the chunks: ``"none"``, ``"lz4"`` or ``"zstd"``."""
+        """Compression of the chunks: ``"none"``, ``"lz4"`` or ``"zstd"``
+        (``"in-place"`` for a foreign store read by :meth:`from_zarr`)."""
         return self._info.codec
+
+    @property
+    def in_place(self) -> bool:
+        """Whether this dataset reads a foreign Zarr group in place."""
+        return self._info.ref.in_place
+
+    @property
+    def feature_names(self) -> list[str] | None:
+        """Names of the columns of ``X`` (of ``ids`` for hashed features),
+        when the dataset was written from a table or an xarray dataset."""
+        names = self._info.provenance.get("feature_names")
+        return [str(n) for n in names] if isinstance(names, list) else None
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -448,6 +724,54 @@ class Dataset:
                 f"({self.n_chunks} chunks: {_short_ids(self._chunk_ids)})"
             )
         return Dataset(self._info, sorted(ids))
+
+    def with_transform(
+        self,
+        field: str,
+        *,
+        shift: Sequence[float],
+        scale: Sequence[float],
+    ) -> Dataset:
+        """A view whose reads of ``field`` (a 2-d float field) give
+        ``(values - shift) / scale`` per column, computed on the workers as
+        chunks are read (no copy).  The trainer reads standardized data this
+        way (``Trainer(..., standardize=True)``).
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "d.zarr")
+        >>> ds = Dataset.from_arrays(path, X=np.ones((4, 2)), chunk_rows=2)
+        >>> ds.with_transform("X", shift=[1.0, 0.0], scale=[1.0, 4.0]).read("X", 1)
+        array([[0.  , 0.25],
+               [0.  , 0.25]])
+        """
+        from dataclasses import replace
+
+        from dasktrain.data.io import Affine
+
+        info = self._info.ref.field(field)
+        if len(info.shape) != 1 or np.dtype(info.dtype).kind != "f":
+            raise DataValidationError(
+                f"field {field!r} of {self.path!r} ({info.dtype}, row shape "
+                f"{info.shape}) cannot be transformed: it must be a 2-d float array"
+            )
+        shift_t = tuple(float(v) for v in shift)
+        scale_t = tuple(float(v) for v in scale)
+        width = info.shape[0]
+        if len(shift_t) != width or len(scale_t) != width:
+            raise ValueError(
+                f"shift and scale need {width} values (the columns of {field!r}), "
+                f"got {len(shift_t)} and {len(scale_t)}"
+            )
+        if not all(math.isfinite(v) for v in shift_t) or not all(
+            math.isfinite(v) and v > 0 for v in scale_t
+        ):
+            raise ValueError("shift must be finite and scale finite and > 0")
+        ref = self._info.ref
+        kept = tuple((n, a) for n, a in ref.transforms if n != field)
+        new_ref = replace(ref, transforms=(*kept, (field, Affine(shift_t, scale_t))))
+        return Dataset(replace(self._info, ref=new_ref), self._chunk_ids)
 
     # -- reading (client side, for tests and inspection) ----------------------
 

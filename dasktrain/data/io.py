@@ -26,6 +26,7 @@ become :class:`StoreError` or :class:`StoreNotFoundError` naming the URL; see
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -60,7 +61,9 @@ __all__ = [
     "DEFAULT_CODEC",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "Affine",
     "DatasetRef",
+    "FieldSource",
     "StoreInfo",
     "check_chunk_rows",
     "check_codec",
@@ -74,11 +77,13 @@ __all__ = [
     "is_remote",
     "missing_bucket",
     "normalize_url",
+    "open_source_group",
     "read_attrs",
     "read_chunk",
     "read_store_info",
     "remote_store_error",
     "remove_store",
+    "source_signature",
     "store_exists",
     "validate_field_name",
     "write_array",
@@ -130,6 +135,67 @@ _CONNECTION_ERRORS = frozenset(
 
 
 @dataclass(frozen=True)
+class Affine:
+    """A per-column affine map applied to a 2-d field on read:
+    ``(values - shift) / scale``, computed in the field's dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> Affine((1.0, 0.0), (2.0, 1.0)).apply(np.array([[3.0, 5.0]]))
+    array([[1., 5.]])
+    """
+
+    shift: tuple[float, ...]
+    scale: tuple[float, ...]
+    #: Identity of the numbers, part of the worker cache key of a chunk.
+    digest: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        numbers = np.asarray((*self.shift, *self.scale), dtype=np.float64)
+        object.__setattr__(
+            self, "digest", hashlib.sha256(numbers.tobytes()).hexdigest()[:16]
+        )
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        dtype = values.dtype
+        shift = np.asarray(self.shift, dtype=dtype)
+        scale = np.asarray(self.scale, dtype=dtype)
+        return ((values - shift) / scale).astype(dtype, copy=False)
+
+
+@dataclass(frozen=True)
+class FieldSource:
+    """Where the values of one field of an in-place dataset live.
+
+    An in-place dataset (:meth:`Dataset.from_zarr`) reads another Zarr
+    group's arrays without copying them.  A field is one source array, or,
+    for ``X``, several arrays whose non-sample axes are flattened (C order)
+    into columns, concatenated in the order given.
+
+    Parameters
+    ----------
+    arrays : tuple of str
+        Array paths inside the source group.
+    sample_axes : tuple of int
+        For each array, the axis that indexes rows (samples).
+    signatures : tuple of str
+        For each array, its shape, chunking and dtype when the dataset was
+        described; a read refuses an array whose signature has changed.
+
+    Examples
+    --------
+    >>> src = FieldSource(("t2m",), (1,), ('{"shape": [3, 10]}',))
+    >>> src.arrays, src.sample_axes
+    (('t2m',), (1,))
+    """
+
+    arrays: tuple[str, ...]
+    sample_axes: tuple[int, ...]
+    signatures: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class DatasetRef:
     """Small, picklable description of a dataset store, sent to workers.
 
@@ -150,6 +216,13 @@ class DatasetRef:
         fsspec options of a remote store (credentials, endpoint...), used by
         every process that reads or writes it; empty for local stores.  Left
         out of ``repr`` (it may hold secrets) and of the hash.
+    sources : tuple of (str, FieldSource), optional
+        Empty for a dataset store in dasktrain's layout.  Otherwise the
+        store at ``url`` is a foreign Zarr group read in place, and each
+        field names the arrays it is read from (see :meth:`Dataset.from_zarr`).
+    transforms : tuple of (str, Affine), optional
+        Maps applied to fields as they are read (a standardized view of the
+        store, see :meth:`Dataset.with_transform`).
 
     Examples
     --------
@@ -167,6 +240,8 @@ class DatasetRef:
     storage_options: dict[str, Any] = field(
         default_factory=dict, repr=False, hash=False
     )
+    sources: tuple[tuple[str, FieldSource], ...] = field(default=(), repr=False)
+    transforms: tuple[tuple[str, Affine], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         options = check_storage_options(self.storage_options)
@@ -178,6 +253,28 @@ class DatasetRef:
     def n_chunks(self) -> int:
         """Number of row chunks in the store."""
         return math.ceil(self.n_rows / self.chunk_rows)
+
+    @property
+    def cache_id(self) -> str:
+        """Identity of the values read through this ref: the store's uuid,
+        and the digests of its transforms (keys of the worker chunk cache)."""
+        if not self.transforms:
+            return self.uuid
+        return self.uuid + "".join(f"~{n}:{a.digest}" for n, a in self.transforms)
+
+    @property
+    def in_place(self) -> bool:
+        """Whether the store is a foreign Zarr group read in place."""
+        return bool(self.sources)
+
+    def source(self, name: str) -> FieldSource:
+        """The arrays an in-place field is read from."""
+        for field_name, src in self.sources:
+            if field_name == name:
+                return src
+        raise DataValidationError(
+            f"field {name!r} of in-place dataset {self.url!r} has no source arrays"
+        )
 
     @property
     def field_names(self) -> tuple[str, ...]:
@@ -1098,6 +1195,7 @@ def clear_handle_cache() -> None:
     """Forget every array handle opened by :func:`read_chunk` in this process."""
     with _HANDLES_LOCK:
         _HANDLES.clear()
+        _SOURCE_ARRAYS.clear()
 
 
 def _root_marker(url: str) -> tuple[int, int, int]:
@@ -1171,7 +1269,8 @@ def read_chunk(ref: DatasetRef, field: str, chunk_id: int) -> np.ndarray:
     checked when a handle is opened, and for local stores again whenever the
     root ``zarr.json`` changes (one ``stat`` per read), so a store rewritten
     at the same path is never read with a stale ref.  A missing chunk is an
-    error (Zarr itself would return fill values).
+    error (Zarr itself would return fill values).  An in-place ref reads the
+    source arrays instead; the ref's transforms are applied last.
 
     Parameters
     ----------
@@ -1201,6 +1300,18 @@ def read_chunk(ref: DatasetRef, field: str, chunk_id: int) -> np.ndarray:
     >>> read_chunk(ds.ref, "y", 2)
     array([8., 9.])
     """
+    if ref.sources:
+        values = _read_source_chunk(ref, field, chunk_id)
+    else:
+        values = _read_stored_chunk(ref, field, chunk_id)
+    for name, affine in ref.transforms:
+        if name == field:
+            values = affine.apply(values)
+    return values
+
+
+def _read_stored_chunk(ref: DatasetRef, field: str, chunk_id: int) -> np.ndarray:
+    """One chunk of a store in dasktrain's layout (see :func:`read_chunk`)."""
     info = ref.field(field)
     start, stop = ref.chunk_bounds(chunk_id)
     handle = _get_handle(ref, field)
@@ -1231,6 +1342,108 @@ def read_chunk(ref: DatasetRef, field: str, chunk_id: int) -> np.ndarray:
             f"decoded to shape {result.shape}, expected {(stop - start, *info.shape)}"
         )
     return result
+
+
+# -- in-place reads of foreign Zarr groups -------------------------------------
+
+_SOURCE_ARRAYS: OrderedDict[tuple[str, str, str], zarr.Array] = OrderedDict()
+
+
+def open_source_group(
+    url: str, storage_options: Mapping[str, Any] | None = None
+) -> zarr.Group:
+    """Open a foreign Zarr group (v2 or v3, consolidated or not) read-only."""
+    kwargs: dict[str, Any] = {}
+    if is_remote(url) and storage_options:
+        kwargs["storage_options"] = dict(storage_options)
+    return zarr.open_group(url, mode="r", **kwargs)
+
+
+def source_signature(array: zarr.Array) -> str:
+    """Shape, row chunking and dtype of a source array, as a JSON string.
+
+    Examples
+    --------
+    >>> import zarr
+    >>> a = zarr.create_array({}, shape=(4, 2), chunks=(2, 2), dtype="f4")
+    >>> source_signature(a)
+    '{"chunks": [2, 2], "dtype": "float32", "shape": [4, 2]}'
+    """
+    chunks = array.shards if array.shards is not None else array.chunks
+    return json.dumps(
+        {
+            "chunks": [int(c) for c in chunks],
+            "dtype": str(array.dtype),
+            "shape": [int(s) for s in array.shape],
+        },
+        sort_keys=True,
+    )
+
+
+def _source_array(ref: DatasetRef, path: str, signature: str) -> zarr.Array:
+    """The opened source array ``path`` of an in-place dataset (cached per
+    process), checked against the signature it had when described."""
+    key = (ref.url, ref.uuid, path)
+    with _HANDLES_LOCK:
+        cached = _SOURCE_ARRAYS.get(key)
+        if cached is not None:
+            _SOURCE_ARRAYS.move_to_end(key)
+            return cached
+    try:
+        node = open_source_group(ref.url, ref.storage_options).get(path)
+    except Exception as exc:
+        raise StoreError(
+            f"cannot open source store {ref.url!r} of an in-place dataset: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(node, zarr.Array):
+        raise StoreError(
+            f"array {path!r} is missing from source store {ref.url!r} of an "
+            f"in-place dataset"
+        )
+    found = source_signature(node)
+    if found != signature:
+        raise StoreError(
+            f"array {path!r} of source store {ref.url!r} has changed since the "
+            f"in-place dataset was described (now {found}, was {signature}); "
+            f"call Dataset.from_zarr again"
+        )
+    with _HANDLES_LOCK:
+        _SOURCE_ARRAYS[key] = node
+        while len(_SOURCE_ARRAYS) > HANDLE_CACHE_SIZE:
+            _SOURCE_ARRAYS.popitem(last=False)
+    return node
+
+
+def _read_source_chunk(ref: DatasetRef, field: str, chunk_id: int) -> np.ndarray:
+    """One row chunk of an in-place field: the rows of each source array
+    along its sample axis, moved to the front, flattened into columns when
+    the field has several arrays, and cast to the field's dtype.  Chunks a
+    writer skipped read as the array's fill value (as in Zarr)."""
+    info = ref.field(field)
+    src = ref.source(field)
+    start, stop = ref.chunk_bounds(chunk_id)
+    n = stop - start
+    parts = []
+    for path, axis, signature in zip(
+        src.arrays, src.sample_axes, src.signatures, strict=True
+    ):
+        array = _source_array(ref, path, signature)
+        selection = [slice(None)] * array.ndim
+        selection[axis] = slice(start, stop)
+        try:
+            block = np.asarray(array[tuple(selection)])
+        except Exception as exc:
+            raise StoreError(
+                f"cannot decode rows {start}-{stop} (chunk {chunk_id}) of array "
+                f"{path!r} in source store {ref.url!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        parts.append(np.moveaxis(block, axis, 0))
+    if len(parts) == 1:
+        values = parts[0].reshape(n, *info.shape)
+    else:
+        values = np.concatenate([p.reshape(n, -1) for p in parts], axis=1)
+    return values.astype(info.dtype, copy=False)
 
 
 def _remote_chunk_present(

@@ -366,7 +366,7 @@ class _SpanReader:
         ref = self.spec.ref
         return (
             ref.url,
-            ref.uuid,
+            ref.cache_id,
             int(chunk_id),
             tuple(self.fields),
             self.spec.nonfinite,

@@ -127,7 +127,7 @@ def _chunk_key(
     ref: DatasetRef, fields: Sequence[str], chunk_id: int, nonfinite: str
 ) -> tuple[Any, ...]:
     """Key of a decoded chunk in the worker cache."""
-    return (ref.url, ref.uuid, int(chunk_id), tuple(fields), nonfinite)
+    return (ref.url, ref.cache_id, int(chunk_id), tuple(fields), nonfinite)
 
 
 def _check_policy(nonfinite: str) -> None:

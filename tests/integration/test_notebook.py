@@ -158,3 +158,38 @@ def test_explore_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert run["progress"]["epoch"] == 6
     assert run["status"] == "finished"
     assert dt.Dataset.open(workdir / "data" / "explore.zarr").n_rows == 200_000
+
+
+XARRAY_NOTEBOOK = NOTEBOOK.with_name("xarray_zarr.ipynb")
+
+
+def test_xarray_zarr_notebook_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``examples/xarray_zarr.ipynb`` trains on a store written by xarray in
+    place: the dataset reads the source's chunks, the model learns, and the
+    source store's files are the same after training."""
+    ensure_kernel(tmp_path, monkeypatch)
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    nb = nbformat.read(XARRAY_NOTEBOOK, as_version=4)
+    assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
+        "the committed notebook must not store outputs"
+    )
+    nbclient.NotebookClient(
+        nb,
+        kernel_name=KERNEL_NAME,
+        timeout=CELL_TIMEOUT,
+        startup_timeout=STARTUP_TIMEOUT,
+        resources={"metadata": {"path": str(workdir)}},
+    ).execute()
+
+    dataset = cell_tagged(nb, "dataset")
+    assert "in place: True" in text_of(dataset)
+    assert "10,000 rows in 14 chunks of 720" in text_of(dataset)
+    assert accuracy_in(text_of(cell_tagged(nb, "evaluate"))) > MIN_ACCURACY
+    assert "rain probability" in text_of(cell_tagged(nb, "predict"))
+    assert "source store unchanged: True" in text_of(cell_tagged(nb, "unchanged"))
+    meta = dt.ParamStore.open(workdir / "runs" / "era.zarr").meta
+    assert len(meta["preprocessing"]["standardize"]["mean"]) == 3
