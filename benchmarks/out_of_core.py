@@ -4,6 +4,7 @@ Run by hand from the repository root (it is not a test)::
 
     python3 benchmarks/out_of_core.py          # 15M x 100 (6 GB), 2 workers x 1 GiB
     python3 benchmarks/out_of_core.py --rows 4000000 --memory-limit 512MiB
+    python3 benchmarks/out_of_core.py --rows 6000000 --sweep   # 384 MiB ... 2 GiB
 
 It generates (once) a float32 classification store under ``data/`` whose size
 is at least ``--ratio`` times the total worker memory limit, then in one run:
@@ -119,6 +120,12 @@ def _spilled(dask_worker: Any) -> int:
     return int(getattr(total, "disk", 0) or 0)
 
 
+def _budget(dask_worker: Any) -> dict[str, Any]:
+    from dasktrain.engine.budget import budget_of
+
+    return budget_of(dask_worker).stats().to_dict()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=15_000_000)
@@ -136,13 +143,41 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="measurements of the limit (at least one before and one after each epoch)",
     )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="run at 384MiB, 512MiB, 1GiB and 2GiB worker limits (same store, "
+        "sized for the largest --ratio allows) and print one row per limit",
+    )
     args = parser.parse_args(argv)
+    if not args.sweep:
+        return 0 if run_limit(args, args.memory_limit)["ok"] else 1
+    rows = [run_limit(args, limit) for limit in SWEEP_LIMITS]
+    print()
+    print(
+        f"{'limit':>7} {'M rows/s':>9} {'limit M rows/s':>14} {'ratio':>6} "
+        f"{'peak RSS':>9} {'pauses':>6} {'restarts':>8} {'spilled':>8} {'hit rate':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['limit']:>7} {r['rows_s'] / 1e6:>9.2f} "
+            f"{r['limit_rows_s'] / 1e6:>14.2f} "
+            f"{r['ratio']:>6.2f} {r['peak_fraction']:>9.0%} {r['pauses']:>6} "
+            f"{r['restarts']:>8} {r['spilled']:>8} {r['hit_rate']:>8.2f}"
+        )
+    return 0 if all(r["ok"] for r in rows) else 1
 
+
+SWEEP_LIMITS = ("384MiB", "512MiB", "1GiB", "2GiB")
+
+
+def run_limit(args: argparse.Namespace, memory_limit: str) -> dict[str, Any]:
+    """One benchmark run with workers limited to ``memory_limit``."""
     from distributed import Client, LocalCluster
 
     import dasktrain as dt
 
-    limit = _parse_bytes(args.memory_limit)
+    limit = _parse_bytes(memory_limit)
     path = f"data/bench-ooc-{args.rows}x{args.features}-{args.codec}.zarr"
     with tempfile.TemporaryDirectory(prefix="dasktrain-ooc-") as tmp:
         cluster = LocalCluster(
@@ -171,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"store {path}: {ds.n_rows:,} x {ds.n_features}, "
                 f"{ds.nbytes / 2**30:.2f} GiB "
                 f"= {ratio:.1f}x the workers' total memory limit "
-                f"({args.workers} x {args.memory_limit})"
+                f"({args.workers} x {memory_limit})"
             )
             if ratio < args.ratio:
                 print(
@@ -227,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             pids_after = client.run(os.getpid)
             spilled = client.run(_spilled)
+            budgets = client.run(_budget)
             trainer.close()
         finally:
             client.close()
@@ -273,9 +309,23 @@ def main(argv: list[str] | None = None) -> int:
         f"({peak / limit:.0%}); worker restarts: {len(restarts) // 2}; "
         f"spilled bytes: {sum(spilled.values())}"
     )
-    ok = peak < limit and not restarts and not any(spilled.values())
+    pauses = sum(int(b["pauses"]) for b in budgets.values())
+    print(f"pauses seen by the memory budget: {pauses}")
+    ok = peak < limit and not restarts and not any(spilled.values()) and not pauses
     print("bounded memory: " + ("yes" if ok else "NO"))
-    return 0 if ok else 1
+    finite_hits = [h for h in hit if h == h]
+    return {
+        "limit": memory_limit,
+        "rows_s": median,
+        "limit_rows_s": statistics.median(limits_1p),
+        "ratio": statistics.median(paired_1p),
+        "peak_fraction": peak / limit,
+        "pauses": pauses,
+        "restarts": len(restarts) // 2,
+        "spilled": sum(spilled.values()),
+        "hit_rate": statistics.median(finite_hits) if finite_hits else float("nan"),
+        "ok": ok,
+    }
 
 
 if __name__ == "__main__":

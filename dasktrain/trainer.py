@@ -1195,10 +1195,34 @@ class Trainer:
                         )
             except Exception:
                 state = "store unreadable"
+        memory = ""
+        reports = getattr(getattr(self, "_engine", None), "last_memory", None)
+        if reports:
+            held = sum(r["held"] for r in reports.values()) / 2**20
+            room = sum(r["capacity"] for r in reports.values()) / 2**20
+            peak = max(r["peak_rss"] / max(1, r["limit"]) for r in reports.values())
+            memory = (
+                f"; worker caches {held:.0f} of {room:.0f} MiB, "
+                f"peak RSS {peak:.0%} of a limit"
+            )
         return (
             f"Trainer({self.model!r}, {self.optimizer!r}, "
-            f"store={self.store_path!r}; {state})"
+            f"store={self.store_path!r}; {state}{memory})"
         )
+
+    def memory_report(self) -> dict[str, dict[str, Any]]:
+        """Each worker's memory budget: its limit and ceiling, what dasktrain
+        keeps there (``held``, by consumer in ``held_by``) and may keep
+        (``capacity``), RSS now and at peak, evictions and pauses.
+
+        Examples
+        --------
+        >>> report = trainer.memory_report()  # doctest: +SKIP
+        >>> {w: r["held"] >> 20 for w, r in report.items()}  # doctest: +SKIP
+        {'tcp://127.0.0.1:40411': 180, 'tcp://127.0.0.1:41023': 176}
+        """
+        # Sync point: one Client.run (paused workers answer too).
+        return self._engine.memory_reports()
 
 
 def _apply_block(

@@ -161,6 +161,8 @@ class Engine:
     ) -> None:
         self.client = client
         self.cache_fraction = cache_fraction
+        #: The workers' budgets as last asked (:meth:`memory_reports`).
+        self.last_memory: dict[str, dict[str, Any]] = {}
         self._workers: list[WorkerInfo] = []
         self._workers_at = -np.inf
         self._owners: dict[
@@ -240,11 +242,30 @@ class Engine:
             worker_memory_report, workers=None if workers is None else list(workers)
         )
 
+    def memory_summary(self) -> dict[str, float]:
+        """The workers' budgets summed up for a history row: bytes the caches
+        hold and may hold, evictions and pauses so far, and the highest peak
+        RSS as a fraction of its worker's limit.  Sync point."""
+        reports = self.memory_reports()
+        self.last_memory = reports
+        if not reports:
+            return {}
+        return {
+            "cache_bytes": float(sum(r["held"] for r in reports.values())),
+            "cache_capacity_bytes": float(sum(r["capacity"] for r in reports.values())),
+            "cache_evictions": float(sum(r["evictions"] for r in reports.values())),
+            "worker_pauses": float(sum(r["pauses"] for r in reports.values())),
+            "peak_rss_fraction": max(
+                r["peak_rss"] / max(1, r["limit"]) for r in reports.values()
+            ),
+        }
+
     def check_memory(self, plan: MemoryPlan) -> None:
         """Refuse ``plan`` before any work if a worker cannot hold it
         (:func:`refuse_unfit_plan`), and size each worker's budget for it."""
         self.client.run(_declare_plan, plan)  # sync point
-        refuse_unfit_plan(plan, self.memory_reports())
+        self.last_memory = self.memory_reports()
+        refuse_unfit_plan(plan, self.last_memory)
 
     def _wait_for_paused(self, paused: Sequence[str]) -> None:
         """Every worker is paused: dasktrain's budgets drop what they keep at

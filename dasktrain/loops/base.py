@@ -268,6 +268,11 @@ class FitLoop:
             row[f"val_{k}"] = v
 
     def epoch_callbacks(self, row: dict[str, Any]) -> None:
+        # The workers' memory budgets at the epoch's end (one Client.run).
+        try:
+            row.update(self.engine.memory_summary())
+        except Exception as exc:  # a worker leaving must not fail the epoch
+            logger.debug("no memory summary at the epoch's end: %r", exc)
         try:
             for cb in self.callbacks:
                 cb.on_epoch_end(self.trainer, row)

@@ -128,12 +128,19 @@ def _fit(
         store=store,
         client=client,
     ) as trainer:
-        trainer.fit(
+        history = trainer.fit(
             data,
             epochs=2 if batch_rows is None else 1,
             batch_rows=batch_rows,
             progress=False,
         )
+        # Epoch-end rows and the trainer's repr report the workers' budgets.
+        last = history.to_pandas().iloc[-1]
+        assert last["cache_capacity_bytes"] >= last["cache_bytes"] >= 0
+        assert 0 < last["peak_rss_fraction"] < 1
+        assert "worker caches" in repr(trainer)
+        report = trainer.memory_report()
+        assert set(report) == set(client.scheduler_info()["workers"])
         return {k: np.asarray(v) for k, v in trainer.params.items()}
 
 
