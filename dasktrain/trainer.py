@@ -25,7 +25,7 @@ import numpy as np
 from dasktrain.callbacks import Callback, EarlyStopping, ProgressBar
 from dasktrain.data import Dataset
 from dasktrain.engine.cache import DEFAULT_CACHE_FRACTION, worker_cache
-from dasktrain.engine.cluster import ClientHandle, get_client
+from dasktrain.engine.cluster import ClientHandle, get_client, prepare_client
 from dasktrain.engine.engine import Engine
 from dasktrain.engine.plan import full_pass
 from dasktrain.engine.rank import EVENT_TOPIC
@@ -198,6 +198,7 @@ class Trainer:
         if self._store_exists():
             self._check_store_matches(self._open_store())
         self._handle: ClientHandle = get_client(client)
+        prepare_client(self._handle.client)
         self._engine = Engine(self._handle.client, cache_fraction=cache_fraction)
         self._sharded_engine = ShardedEngine(self._engine)
         self._segments: SegmentRunner | None = None
