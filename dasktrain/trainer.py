@@ -222,10 +222,14 @@ class Trainer:
             model = model_from_config(meta["model"])
             optimizer = optimizer_from_config(meta["optimizer"])
             seed = int(meta["seed"])
-            sharded = bool(ps.table_layouts())
+            # Stores written before "sharded" was recorded: their tables say.
+            sharded = bool(meta.get("sharded", bool(ps.table_layouts())))
+            shard_rows = meta.get("shard_rows")
+            shard_rows = None if shard_rows is None else int(shard_rows)
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(
-                f"parameter store {os.fspath(store)!r} does not describe a run: {exc}"
+                f"parameter store {os.fspath(store)!r} does not describe a run "
+                f"(its metadata lack {exc}); it was not written by a Trainer"
             ) from exc
         return cls(
             model,
@@ -236,6 +240,7 @@ class Trainer:
             keep_versions=ps.keep_versions,
             cache_fraction=cache_fraction,
             sharded=sharded,
+            shard_rows=shard_rows,
             storage_options=storage_options,
         )
 
@@ -269,6 +274,14 @@ class Trainer:
             raise ConfigMismatchError(
                 f"parameter store {self.store_path!r} was trained with seed "
                 f"{meta.get('seed')}, not {self.seed}"
+            )
+        if ps.committed is None and bool(meta.get("sharded", self.sharded)) != (
+            self.sharded
+        ):
+            raise ConfigMismatchError(
+                f"parameter store {self.store_path!r} was created for a run with "
+                f"sharded={meta.get('sharded')}; create the Trainer with the same "
+                f"sharded (or use Trainer.resume)"
             )
 
     # -- public properties -----------------------------------------------------
@@ -351,9 +364,7 @@ class Trainer:
     def _meta(self, run: Run) -> dict[str, Any]:
         assert self._schema is not None
         return {
-            "model": self.model.config(),
-            "optimizer": self.optimizer.config(),
-            "seed": self.seed,
+            **self._run_config(),
             "schema": self._schema.to_json(),
             "progress": {
                 "step": run.step,
@@ -398,12 +409,26 @@ class Trainer:
             ps = self._open_store()
             self._check_store_matches(ps)
             return ps
+        # The run's configuration goes in with the store (one atomic write):
+        # a driver killed before its first commit leaves a store that
+        # Trainer.resume, or the same script run again, starts cleanly.
         return ParamStore.create(
             self.store_path,
             keep_versions=self.keep_versions,
-            meta={},
+            meta={**self._run_config(), "status": "starting"},
             storage_options=self._store_ref.storage_options,
         )
+
+    def _run_config(self) -> dict[str, Any]:
+        """What a store records of its run from its creation on: all that
+        :meth:`resume` needs to make the same trainer."""
+        return {
+            "model": self.model.config(),
+            "optimizer": self.optimizer.config(),
+            "seed": self.seed,
+            "sharded": self.sharded,
+            "shard_rows": self.shard_rows,
+        }
 
     def _start_run(self, ps: ParamStore, data: Dataset) -> Run:
         if ps.committed is not None:
