@@ -16,6 +16,7 @@ from dasktrain.engine.cluster import CLIENT_HOOKS
 from dasktrain.history import History
 from dasktrain.monitor import dashboard as _dashboard
 from dasktrain.params import ParamStore
+from dasktrain.predictor import Predictor, load_model
 from dasktrain.trainer import Trainer
 
 __version__ = "0.1.0"
@@ -33,11 +34,13 @@ __all__ = [
     "EarlyStopping",
     "History",
     "ParamStore",
+    "Predictor",
     "ProgressBar",
     "Trainer",
     "__version__",
     "datasets",
     "errors",
+    "load_model",
     "models",
     "optim",
 ]

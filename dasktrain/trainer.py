@@ -58,8 +58,8 @@ from dasktrain.params.tables import (
     PARAM,
     ParamStoreRef,
     open_table_array,
-    read_rows,
 )
+from dasktrain.predictor import apply_dense, apply_table_rows
 from dasktrain.schema import Schema
 
 logger = logging.getLogger(__name__)
@@ -933,23 +933,10 @@ class Trainer:
             )
         if not run.tables:
             return getattr(model, kind)(run.params, X)
-        batch = {f: np.asarray(X[f]) for f in model.input_fields if f in X}
-        missing = [f for f in model.input_fields if f not in batch]
-        if missing:
-            raise ValueError(
-                f"missing fields {missing}; {type(model).__name__} "
-                f"needs {list(model.input_fields)}"
-            )
-        model._raise_bad_ids(batch)
         assert run.table_step is not None
-        rows = {}
-        for table, ids in model.row_ids(batch).items():
-            uniq = np.unique(ids)
-            rows[table] = (
-                uniq,
-                read_rows(self._store_ref, run.table_step, layouts[table], uniq),
-            )
-        return model.predict_rows(run.params, rows, batch, kind)
+        return apply_table_rows(
+            model, run.params, self._store_ref, run.table_step, layouts, kind, X
+        )
 
     # -- evaluation and prediction ---------------------------------------------
     def evaluate(
@@ -1044,13 +1031,9 @@ class Trainer:
                 drop_axis=1 if not out_shape else None,
                 chunks=(X.chunks[0], *tuple((s,) for s in out_shape)),
             )
-        arr = np.asarray(X)
-        if arr.ndim != 2:
-            raise ValueError(f"X must be 2-d (rows, features), got shape {arr.shape}")
-        if arr.dtype.kind not in "fiub":
-            raise TypeError(f"X must be numeric, got dtype {arr.dtype}")
-        self._check_width(arr.shape[1])
-        return fn(params, arr if arr.dtype.kind == "f" else arr.astype(np.float64))
+        # The same computation as dasktrain.load_model(store).predict(X).
+        n_features = None if self._schema is None else self._schema.n_features
+        return apply_dense(self.model, params, n_features, kind, X)
 
     def _check_width(self, width: int) -> None:
         if self._schema is not None and self._schema.n_features != width:
