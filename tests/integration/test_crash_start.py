@@ -5,8 +5,9 @@ cluster and calls ``Trainer(...).fit(...)`` on a new store.  The driver counts
 the files zarr writes (the lowest-level write of zarr's ``LocalStore``) and,
 when asked, SIGKILLs itself just before its k-th one.  A reference driver
 lists every write of an undisturbed run; the kills cover each write of the
-store's creation and of the first commit, and the first write after it.  Each
-killed store is then completed twice, by ``Trainer.resume(store).fit(...)``
+store's creation and of the first commit, and the first write after it (for a
+matrix factorization with sharded tables, the first write of each kind).
+Each killed store is then completed twice, by ``Trainer.resume(store).fit(...)``
 and by running the same driver again, and both must end with the bits of the
 undisturbed run.
 """
@@ -66,12 +67,21 @@ def run(job):
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     count_writes(job.get("kill_at"), job.get("trace"))
     data = dt.Dataset.open(job["data"])
+    if job["model"] == "sharded":
+        model = dt.models.MatrixFactorization(*job["mf"], l2=1e-3, dtype="float64")
+        optimizer = dt.optim.Adagrad(0.2)
+        extra = {"sharded": True, "shard_rows": job["shard_rows"]}
+    else:
+        model = dt.models.LogisticRegression(l2=1e-3)
+        optimizer = dt.optim.Adam(0.1)
+        extra = {}
     with dt.Trainer(
-        dt.models.LogisticRegression(l2=1e-3),
-        dt.optim.Adam(0.1),
+        model,
+        optimizer,
         store=job["store"],
         client=job["address"],
         seed=job["seed"],
+        **extra,
     ) as trainer:
         trainer.fit(
             data, epochs=job["epochs"], batch_rows=job["batch_rows"], progress=False
@@ -161,6 +171,8 @@ def _final_state(store: Path) -> dict[str, np.ndarray]:
     assert meta["progress"]["epoch"] == EPOCHS and meta["status"] == "finished"
     arrays = {f"params/{k}": v for k, v in version.params.items()}
     arrays |= {f"opt/{k}": v for k, v in version.opt_state.items()}
+    for name in ps.table_layouts():
+        arrays[f"tables/{name}"] = np.asarray(ps.table(name)[...])
     arrays["step"] = np.array(version.step)
     arrays["losses"] = np.array([row["loss"] for row in meta["history"]])
     return arrays
@@ -182,20 +194,44 @@ def _leftovers(store: Path) -> list[str]:
     )
 
 
-def test_driver_killed_at_every_write_of_its_start(
-    drivers: Drivers, client: Client, tmp_path: Path
-) -> None:
+MF_SHAPE = (200, 60, 4)  # users, items, rank
+SHARD_ROWS = 50
+
+
+def _data(path: Path, model: str) -> dt.Dataset:
     rng = np.random.default_rng(0)
+    if model == "sharded":
+        n = 600
+        return dt.Dataset.from_arrays(
+            path,
+            user=np.sort(rng.integers(0, MF_SHAPE[0], size=n)),
+            item=rng.integers(0, MF_SHAPE[1], size=n),
+            rating=rng.normal(size=n).astype(np.float32),
+            chunk_rows=250,
+        )
     X = rng.normal(size=(1_000, 5)).astype(np.float32)
     y = (X @ np.linspace(-1.0, 1.0, 5) > 0).astype(np.float32)
+    return dt.Dataset.from_arrays(path, X=X, y=y, chunk_rows=250)
+
+
+@pytest.mark.parametrize("model", ["dense", "sharded"])
+def test_driver_killed_at_every_write_of_its_start(
+    model: str, drivers: Drivers, client: Client, tmp_path: Path
+) -> None:
+    """``dense``: logistic regression, Adam minibatch segments.  ``sharded``:
+    a matrix factorization whose tables the workers write into version 0
+    before the driver commits it."""
     data_path = tmp_path / "data.zarr"
-    data = dt.Dataset.from_arrays(data_path, X=X, y=y, chunk_rows=250)
+    data = _data(data_path, model)
     job = {
         "address": client.scheduler.address,
         "data": str(data_path),
         "seed": SEED,
         "epochs": EPOCHS,
         "batch_rows": BATCH_ROWS,
+        "model": model,
+        "mf": MF_SHAPE,
+        "shard_rows": SHARD_ROWS,
     }
 
     # An undisturbed run, with the list of the files it writes.
@@ -232,7 +268,20 @@ def test_driver_killed_at_every_write_of_its_start(
         }
         | {first_in_store + 1, after_commit + 1}
     )
-    assert len(kill_points) >= 10, writes[: first_commit + 2]
+    if model == "sharded":
+        # Its start writes the same kinds of files as the dense one, many
+        # times over (one group per table array): kill before the first of
+        # each kind (the tables' metadata, the dense parameters, the
+        # optimizer state) and at the commit's edges.
+        firsts = {
+            next(i for i, (p, _) in enumerate(writes) if f"versions/0/{part}/" in p)
+            for part in ("tables", "params", "opt")
+        }
+        kill_points = sorted(
+            {1, 2, first_in_store + 1, first_commit + 1, after_commit + 1}
+            | {i + 1 for i in firsts}
+        )
+    assert len(kill_points) >= 6, writes[: first_commit + 2]
 
     for k in kill_points:
         store = tmp_path / f"run-{k}.zarr"
