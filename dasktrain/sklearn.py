@@ -29,7 +29,9 @@ new run whose parameter store is :attr:`store_`; in ``store_dir`` it is kept,
 so ``Trainer.resume(est.store_)`` can inspect or continue it.  The dataset
 stores written from array inputs are scratch copies, removed once training
 ends.  With a cluster on other machines, ``store_dir`` must be on storage that
-the workers can read.
+the workers can read: it may be an fsspec URL (``s3://bucket/runs``), reached
+with ``storage_options`` (credentials, endpoint...; also used to open a store
+path passed as ``X``).
 
 Predictions on NumPy input are computed on the client (the parameters are
 small); Dask arrays, Datasets and store paths give lazy Dask arrays.
