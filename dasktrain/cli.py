@@ -49,11 +49,76 @@ MODELS = ("logistic", "linear", "softmax", "poisson", "gamma", "mlp")
 OPTIMIZERS = ("auto", "newton", "lbfgs", "adam", "adamw", "sgd", "adagrad")
 
 
+#: The table of a ``train --config`` file that holds fsspec storage options.
+STORAGE_OPTIONS_TABLE = "storage_options"
+
+
 class UsageError(Exception):
     """Bad flags or config (exit code 2)."""
 
 
 # -- building blocks ---------------------------------------------------------------
+def parse_storage_option(text: str) -> tuple[list[str], Any]:
+    """One ``--storage-option``: ``KEY=VALUE`` (a string) or ``KEY:=JSON``
+    (a JSON value: ``true``, ``3``, ``{"region_name": "eu-west-1"}``); a
+    dotted ``KEY`` sets a nested option (``client_kwargs.region_name=...``).
+
+    Examples
+    --------
+    >>> parse_storage_option("endpoint_url=http://127.0.0.1:9000")
+    (['endpoint_url'], 'http://127.0.0.1:9000')
+    >>> parse_storage_option("anon:=false")
+    (['anon'], False)
+    >>> parse_storage_option("client_kwargs.region_name=eu-west-1")
+    (['client_kwargs', 'region_name'], 'eu-west-1')
+    """
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise UsageError(
+            f"--storage-option {text!r}: expected KEY=VALUE (a string) or "
+            f"KEY:=JSON (a JSON value)"
+        )
+    parsed: Any = value
+    if key.endswith(":"):
+        key = key[:-1]
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise UsageError(
+                f"--storage-option {text!r}: the value after ':=' is not JSON ({exc})"
+            ) from exc
+    path = key.split(".")
+    if not all(part.strip() for part in path):
+        raise UsageError(f"--storage-option {text!r}: empty key")
+    return [part.strip() for part in path], parsed
+
+
+def _set_option(options: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        inner = options.setdefault(part, {})
+        if not isinstance(inner, dict):
+            raise UsageError(
+                f"storage option {'.'.join(path)!r}: {part!r} is already set to "
+                f"a value, not a table"
+            )
+        options = inner
+    options[path[-1]] = value
+
+
+def _storage_options(
+    args: argparse.Namespace, base: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """fsspec options for every store a command touches: ``base`` (a config
+    file's ``[storage_options]`` table), then each ``--storage-option``.
+    ``None`` if there are none (filesystems configure themselves from the
+    environment)."""
+    options: dict[str, Any] = dict(base or {})
+    for text in getattr(args, "storage_option", None) or ():
+        path, value = parse_storage_option(text)
+        _set_option(options, path, value)
+    return options or None
+
+
 def _client(address: str | None) -> Any:
     from dasktrain.engine.cluster import get_client
 
@@ -135,6 +200,7 @@ def _fmt(value: Any) -> str:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     import dasktrain as dt
 
+    options = _storage_options(args)
     handle = _client(args.scheduler)
     client = handle.client
     try:
@@ -148,6 +214,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             chunk_rows=args.chunk_rows,
             seed=0,
             client=client,
+            storage_options=options,
         )
         gb = ds.nbytes / 1e9
         print(
@@ -156,11 +223,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             f"(ready in {time.perf_counter() - t0:.1f} s)"
         )
         train, val = ds.split(val_fraction=0.1, seed=0)
-        if _path_exists(args.run):
-            _remove_run(args.run)
+        if _path_exists(args.run, options):
+            _remove_run(args.run, options)
         model = dt.models.LogisticRegression(l2=1e-4)
         optimizer = dt.optim.Newton()
-        trainer = dt.Trainer(model, optimizer, store=args.run, client=client)
+        trainer = dt.Trainer(
+            model, optimizer, store=args.run, client=client, storage_options=options
+        )
         print(
             f"Training {model!r} with {optimizer!r} on {train.n_rows:,} rows "
             f"(validation: {val.n_rows:,} rows)"
@@ -204,26 +273,26 @@ def _display(path: str) -> str:
     return os.path.abspath(path.removeprefix("file://"))
 
 
-def _path_exists(path: str) -> bool:
+def _path_exists(path: str, options: dict[str, Any] | None = None) -> bool:
     """Whether anything exists at a local path or fsspec URL."""
     if not _is_url(path):
         return os.path.exists(path.removeprefix("file://"))
     import fsspec
 
-    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs, fs_path = fsspec.core.url_to_fs(path, **(options or {}))
     return bool(fs.exists(fs_path))
 
 
-def _remove_run(path: str) -> None:
+def _remove_run(path: str, options: dict[str, Any] | None = None) -> None:
     """Delete a previous quickstart run (only if it is a parameter store)."""
     from dasktrain.params import ParamStore
 
-    if not ParamStore.exists(path):
+    if not ParamStore.exists(path, storage_options=options):
         raise UsageError(
             f"{path!r} exists and is not a dasktrain parameter store; "
             f"pass --run with another path"
         )
-    store = ParamStore.open(path)
+    store = ParamStore.open(path, storage_options=options)
     with store.lock(owner="dasktrain quickstart"):
         store.remove()
 
@@ -242,6 +311,7 @@ def cmd_make_data(args: argparse.Namespace) -> int:
             "client": handle.client,
             "overwrite": args.overwrite,
             "progress": not args.quiet,
+            "storage_options": _storage_options(args),
         }
         if args.task == "classification":
             ds = dt.datasets.make_classification(
@@ -263,8 +333,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from dasktrain.errors import StoreError
     from dasktrain.params import ParamStore
 
-    if ParamStore.exists(args.store):
-        ps = ParamStore.open(args.store)
+    options = _storage_options(args)
+    if ParamStore.exists(args.store, storage_options=options):
+        ps = ParamStore.open(args.store, storage_options=options)
         meta = ps.meta
         info: dict[str, Any] = {
             "kind": "parameter store",
@@ -305,7 +376,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         }
     else:
         try:
-            ds = Dataset.open(args.store)
+            ds = Dataset.open(args.store, storage_options=options)
         except StoreError as exc:
             raise StoreError(
                 f"{args.store!r} is neither a dasktrain dataset nor a parameter "
@@ -355,17 +426,24 @@ def _train_config(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(
                 f"config file {args.config!r} is not valid TOML: {exc}"
             ) from exc
-        known = {a.dest for a in TRAIN_FLAGS}
+        known = {a.dest for a in TRAIN_FLAGS} | {STORAGE_OPTIONS_TABLE}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise UsageError(
                 f"config file {args.config!r}: unknown keys {unknown}; "
                 f"known: {sorted(known)}"
             )
+        table = cfg.get(STORAGE_OPTIONS_TABLE, {})
+        if not isinstance(table, dict):
+            raise UsageError(
+                f"config file {args.config!r}: {STORAGE_OPTIONS_TABLE!r} must be "
+                f"a table ([{STORAGE_OPTIONS_TABLE}]), got {type(table).__name__}"
+            )
     for flag in TRAIN_FLAGS:
         value = getattr(args, flag.dest)
         if value is not None:
             cfg[flag.dest] = value
+    cfg[STORAGE_OPTIONS_TABLE] = _storage_options(args, cfg.get(STORAGE_OPTIONS_TABLE))
     return cfg
 
 
@@ -373,7 +451,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import dasktrain as dt
 
     cfg = _train_config(args)
-    data = dt.Dataset.open(args.data)
+    options = cfg[STORAGE_OPTIONS_TABLE]
+    data = dt.Dataset.open(args.data, storage_options=options)
     val_fraction = float(cfg.get("val_fraction", 0.0))
     train, val = (data, None) if val_fraction <= 0 else data.split(val_fraction, seed=0)
     model = _build_model(cfg, None)
@@ -386,6 +465,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             store=args.store,
             client=handle.client,
             seed=int(cfg.get("seed", 0)),
+            storage_options=options,
         )
         early = None
         if cfg.get("patience") is not None and val is not None:
@@ -422,10 +502,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import dasktrain as dt
 
-    data = dt.Dataset.open(args.data)
+    options = _storage_options(args)
+    data = dt.Dataset.open(args.data, storage_options=options)
     handle = _client(args.scheduler)
     try:
-        trainer = dt.Trainer.resume(args.run, client=handle.client)
+        trainer = dt.Trainer.resume(
+            args.run, client=handle.client, storage_options=options
+        )
         print(json.dumps(trainer.evaluate(data)))
     finally:
         handle.close()
@@ -437,14 +520,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     import dasktrain as dt
 
-    data = dt.Dataset.open(args.data)
+    options = _storage_options(args)
+    data = dt.Dataset.open(args.data, storage_options=options)
     if not (args.out.endswith(".npy") or args.out.endswith(".zarr")):
         raise UsageError(f"--out must end in .npy or .zarr, got {args.out!r}")
-    if _path_exists(args.out) and not args.overwrite:
+    if _path_exists(args.out, options) and not args.overwrite:
         raise UsageError(f"{args.out!r} exists; pass --overwrite to replace it")
+    out_options = options if _is_url(args.out) else None
     handle = _client(args.scheduler)
     try:
-        trainer = dt.Trainer.resume(args.run, client=handle.client)
+        trainer = dt.Trainer.resume(
+            args.run, client=handle.client, storage_options=options
+        )
         kind = "predict_proba" if args.proba else "predict"
         pred = getattr(trainer, kind)(data)
         if args.out.endswith(".npy"):
@@ -452,10 +539,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
             # Sync point: the predictions come to the client (one value per row).
             values = pred.compute()
-            with fsspec.open(args.out, "wb") as f:
+            with fsspec.open(args.out, "wb", **(out_options or {})) as f:
                 np.save(f, values)
         else:
-            pred.to_zarr(args.out, overwrite=args.overwrite)
+            pred.to_zarr(
+                args.out, overwrite=args.overwrite, storage_options=out_options
+            )
     finally:
         handle.close()
     print(f"{args.out}: predictions for {data.n_rows:,} rows")
@@ -538,6 +627,19 @@ def _parser() -> argparse.ArgumentParser:
             help="address of a running Dask scheduler "
             "(default: an embedded LocalCluster)",
         )
+        storage_option_flag(p)
+
+    def storage_option_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--storage-option",
+            action="append",
+            metavar="KEY=VALUE",
+            help="fsspec option of the stores given as URLs (s3://...), sent to "
+            "the workers too; repeatable. KEY=VALUE sets a string, KEY:=JSON a "
+            "JSON value (anon:=true); a dotted KEY a nested one "
+            "(client_kwargs.region_name=eu-west-1). Without any, filesystems "
+            "configure themselves from the environment",
+        )
 
     p = sub.add_parser("quickstart", help="generate data once, train, report")
     p.add_argument(
@@ -574,6 +676,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("store")
     p.add_argument("--json", action="store_true", help="print JSON")
+    storage_option_flag(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("train", help="train a model on a dataset store")
@@ -582,7 +685,9 @@ def _parser() -> argparse.ArgumentParser:
         "--store", required=True, help="parameter store of the run (path or URL)"
     )
     p.add_argument(
-        "--config", help="TOML file with the same keys as the flags (flags win)"
+        "--config",
+        help="TOML file with the same keys as the flags (flags win), and a "
+        "[storage_options] table (--storage-option entries are added to it)",
     )
     for flag in TRAIN_FLAGS:
         p.add_argument(

@@ -29,7 +29,9 @@ new run whose parameter store is :attr:`store_`; in ``store_dir`` it is kept,
 so ``Trainer.resume(est.store_)`` can inspect or continue it.  The dataset
 stores written from array inputs are scratch copies, removed once training
 ends.  With a cluster on other machines, ``store_dir`` must be on storage that
-the workers can read.
+the workers can read: it may be an fsspec URL (``s3://bucket/runs``), reached
+with ``storage_options`` (credentials, endpoint...; also used to open a store
+path passed as ``X``).
 
 Predictions on NumPy input are computed on the client (the parameters are
 small); Dask arrays, Datasets and store paths give lazy Dask arrays.
@@ -91,7 +93,7 @@ import uuid
 import warnings
 import weakref
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -273,8 +275,27 @@ class _ScratchDir:
         self._finalizer()
 
 
-def _remove_store(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root}/{name}" if _is_url(root) else os.path.join(root, name)
+
+
+def _remove_store(path: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    if not _is_url(path):
+        shutil.rmtree(path.removeprefix("file://"), ignore_errors=True)
+        return
+    import fsspec
+
+    fs, fs_path = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
+    try:
+        fs.rm(fs_path, recursive=True)
+    except FileNotFoundError:
+        pass
+    except Exception:
+        logger.warning("could not remove the scratch store %s", path, exc_info=True)
 
 
 def _auto_chunk_rows(n_rows: int) -> int:
@@ -485,6 +506,7 @@ class _DasktrainEstimator(BaseEstimator):
     # Parameters every estimator has (set by the subclasses' __init__).
     chunk_rows: int | str
     store_dir: str | os.PathLike[str] | None
+    storage_options: Mapping[str, Any] | None
     client: Any
     random_state: Any
     verbose: bool
@@ -515,6 +537,7 @@ class _DasktrainEstimator(BaseEstimator):
     ) -> _DasktrainEstimator:
         _check_chunk_rows(self.chunk_rows)
         _check_choice("standardize", self.standardize, (False, True))
+        self._options()
         self._plan(1, None)  # check the hyper-parameters before any I/O
         continuing = partial and hasattr(self, "store_")
         if not continuing:
@@ -528,7 +551,7 @@ class _DasktrainEstimator(BaseEstimator):
                 self._start(data, client, partial=partial)
         finally:
             if data.scratch is not None:
-                _remove_store(data.scratch)
+                _remove_store(data.scratch, self._options())
         return self
 
     def _start(self, data: _Input, client: Client, *, partial: bool) -> None:
@@ -536,7 +559,7 @@ class _DasktrainEstimator(BaseEstimator):
         n_classes = None if data.classes is None else len(data.classes)
         plan = self._plan(n_rows, n_classes)
         seed = _seed(self.random_state)
-        store = os.path.join(
+        store = _join(
             self._store_root(), f"{type(self).__name__}-{uuid.uuid4().hex[:12]}.zarr"
         )
         plateau = None
@@ -551,6 +574,7 @@ class _DasktrainEstimator(BaseEstimator):
             client=client,
             seed=seed,
             keep_versions=KEEP_VERSIONS,
+            storage_options=self._options(),
             standardize=bool(self.standardize),
         ) as trainer:
             if plateau is None:
@@ -594,13 +618,14 @@ class _DasktrainEstimator(BaseEstimator):
             )
 
     def _continue(self, data: _Input, client: Client) -> None:
-        if not ParamStore.exists(self.store_):
+        options = self._options()
+        if not ParamStore.exists(self.store_, storage_options=options):
             raise RuntimeError(
                 f"the parameter store of this run, {self.store_!r}, no longer exists "
                 f"(a copy outlived the estimator that owned its scratch directory?); "
                 f"call fit() to start a new run, or pass store_dir= to keep stores"
             )
-        committed = ParamStore.open(self.store_).committed
+        committed = ParamStore.open(self.store_, storage_options=options).committed
         if committed != self._run_step:
             raise RuntimeError(
                 f"the parameter store {self.store_!r} is at step {committed}, but "
@@ -617,6 +642,7 @@ class _DasktrainEstimator(BaseEstimator):
                 client=client,
                 seed=self._seed,
                 keep_versions=KEEP_VERSIONS,
+                storage_options=options,
                 standardize=bool(self.standardize),
             )
         except ConfigMismatchError as exc:
@@ -651,9 +677,31 @@ class _DasktrainEstimator(BaseEstimator):
         self.store_: str = store
         self._run_step = trainer.step
 
+    def _options(self) -> dict[str, Any] | None:
+        """``storage_options``, checked (by fit, never by ``__init__``)."""
+        options = self.storage_options
+        if options is None:
+            return None
+        if not isinstance(options, Mapping) or not all(
+            isinstance(k, str) for k in options
+        ):
+            raise ValueError(
+                f"storage_options must be a dict of fsspec options or None, "
+                f"got {options!r}"
+            )
+        return dict(options)
+
+    def _open(self, X: Any) -> Dataset:
+        """A Dataset, or the store at path ``X`` (with ``storage_options``)."""
+        if isinstance(X, Dataset):
+            return X
+        return Dataset.open(X, storage_options=self._options())
+
     def _store_root(self) -> str:
         if self.store_dir is not None:
             root = os.fspath(self.store_dir)
+            if _is_url(root):
+                return root.rstrip("/")
             os.makedirs(root, exist_ok=True)
             return root
         scratch = getattr(self, "_scratch", None)
@@ -704,7 +752,7 @@ class _DasktrainEstimator(BaseEstimator):
         return self._ingest_arrays(X, y, reset=reset, classes=classes)
 
     def _scratch_path(self) -> str:
-        return os.path.join(self._store_root(), f"data-{uuid.uuid4().hex[:12]}.zarr")
+        return _join(self._store_root(), f"data-{uuid.uuid4().hex[:12]}.zarr")
 
     def _chunk_rows_for(self, n_rows: int) -> int:
         chunk_rows = _check_chunk_rows(self.chunk_rows)
@@ -734,6 +782,7 @@ class _DasktrainEstimator(BaseEstimator):
             chunk_rows=self._chunk_rows_for(X.shape[0]),
             codec=SCRATCH_CODEC,
             source=f"dasktrain.sklearn.{type(self).__name__}",
+            storage_options=self._options(),
         )
         return _Input(ds, scratch=path, classes=found)
 
@@ -781,6 +830,7 @@ class _DasktrainEstimator(BaseEstimator):
                 chunk_rows=self._chunk_rows_for(int(X.shape[0])),
                 codec=SCRATCH_CODEC,
                 source=f"dasktrain.sklearn.{type(self).__name__}",
+                storage_options=self._options(),
             )
         return _Input(ds, scratch=path, classes=found)
 
@@ -795,7 +845,7 @@ class _DasktrainEstimator(BaseEstimator):
                 "y must be None when X is a Dataset or a store path: the targets "
                 "are the store's 'y' array"
             )
-        ds = X if isinstance(X, Dataset) else Dataset.open(X)
+        ds = self._open(X)
         missing = [f for f in ("X", "y") if f not in ds.fields]
         if missing:
             raise ValueError(
@@ -822,6 +872,7 @@ class _DasktrainEstimator(BaseEstimator):
                 chunk_rows=ds.chunk_rows,
                 codec=SCRATCH_CODEC,
                 source=f"dasktrain.sklearn.{type(self).__name__}",
+                storage_options=self._options(),
             )
         return _Input(copy, scratch=path, classes=found)
 
@@ -898,7 +949,7 @@ class _DasktrainEstimator(BaseEstimator):
             fn = functools.partial(_standardized, fn, standardize)
         labels = output == "predict" and self._is_classifier_model
         if _is_store(X):
-            ds = X if isinstance(X, Dataset) else Dataset.open(X)
+            ds = self._open(X)
             X = ds.to_dask("X")
         elif _is_dask_frame(X):
             X = self._frame_features(X, reset=False)
@@ -938,7 +989,7 @@ class _DasktrainEstimator(BaseEstimator):
                     "y must be None when X is a Dataset or a store path: the "
                     "targets are the store's 'y' array"
                 )
-            ds = X if isinstance(X, Dataset) else Dataset.open(X)
+            ds = self._open(X)
             return self._apply(ds, "predict"), ds.to_dask("y"), True
         if _is_dask(X) or _is_dask(y):
             import dask.array as da
@@ -1170,7 +1221,12 @@ class LogisticRegression(_Classifier):
         Rows per chunk of the stores written from array inputs; ``"auto"``:
         one chunk up to 16,384 rows, else about 8 chunks of at most 65,536.
     store_dir : str or PathLike, optional
-        Where stores are written (see the module documentation).
+        Where stores are written (see the module documentation): a local
+        directory or an fsspec URL (``s3://bucket/runs``).
+    storage_options : dict, optional
+        fsspec options (credentials, endpoint...) of the stores given as
+        URLs: ``store_dir``, and a store path passed as ``X``.  Sent to the
+        workers with the stores; ignored for local paths.
     client : distributed.Client, str or None, default=None
         The cluster (see the module documentation).
     random_state : int, RandomState or None, default=None
@@ -1226,6 +1282,7 @@ class LogisticRegression(_Classifier):
         batch_size: int | None = None,
         chunk_rows: int | str = "auto",
         store_dir: str | os.PathLike[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
         client: Any = None,
         random_state: Any = None,
         verbose: bool = False,
@@ -1240,6 +1297,7 @@ class LogisticRegression(_Classifier):
         self.batch_size = batch_size
         self.chunk_rows = chunk_rows
         self.store_dir = store_dir
+        self.storage_options = storage_options
         self.client = client
         self.random_state = random_state
         self.verbose = verbose
@@ -1310,7 +1368,7 @@ class LinearRegression(_Regressor):
         Stop when ``max|gradient| <= tol * max(1, |objective|)``.
     solver : {"auto", "newton", "lbfgs"}, default="auto"
         As in :class:`LogisticRegression`.
-    chunk_rows, store_dir, client, random_state, verbose, standardize
+    chunk_rows, store_dir, storage_options, client, random_state, verbose, standardize
         As in :class:`LogisticRegression`.
 
     Attributes
@@ -1339,6 +1397,7 @@ class LinearRegression(_Regressor):
         solver: str = "auto",
         chunk_rows: int | str = "auto",
         store_dir: str | os.PathLike[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
         client: Any = None,
         random_state: Any = None,
         verbose: bool = False,
@@ -1350,6 +1409,7 @@ class LinearRegression(_Regressor):
         self.solver = solver
         self.chunk_rows = chunk_rows
         self.store_dir = store_dir
+        self.storage_options = storage_options
         self.client = client
         self.random_state = random_state
         self.verbose = verbose
@@ -1451,7 +1511,7 @@ class SGDClassifier(_SGDMixin, _Classifier):
     nesterov : bool, default=False
     batch_size : int or None, default=256
         Rows per step; ``None`` for full batches.
-    chunk_rows, store_dir, client, random_state, verbose, standardize
+    chunk_rows, store_dir, storage_options, client, random_state, verbose, standardize
         As in :class:`LogisticRegression`.
 
     Attributes
@@ -1492,6 +1552,7 @@ class SGDClassifier(_SGDMixin, _Classifier):
         batch_size: int | None = 256,
         chunk_rows: int | str = "auto",
         store_dir: str | os.PathLike[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
         client: Any = None,
         random_state: Any = None,
         verbose: bool = False,
@@ -1510,6 +1571,7 @@ class SGDClassifier(_SGDMixin, _Classifier):
         self.batch_size = batch_size
         self.chunk_rows = chunk_rows
         self.store_dir = store_dir
+        self.storage_options = storage_options
         self.client = client
         self.random_state = random_state
         self.verbose = verbose
@@ -1572,8 +1634,8 @@ class SGDRegressor(_SGDMixin, _Regressor):
     ----------
     loss : {"squared_error"}, default="squared_error"
     penalty, alpha, l1_ratio, max_iter, tol, n_iter_no_change, learning_rate,
-    momentum, nesterov, batch_size, chunk_rows, store_dir, client,
-    random_state, verbose, standardize
+    momentum, nesterov, batch_size, chunk_rows, store_dir, storage_options,
+    client, random_state, verbose, standardize
         As in :class:`SGDClassifier`.
 
     Attributes
@@ -1610,6 +1672,7 @@ class SGDRegressor(_SGDMixin, _Regressor):
         batch_size: int | None = 256,
         chunk_rows: int | str = "auto",
         store_dir: str | os.PathLike[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
         client: Any = None,
         random_state: Any = None,
         verbose: bool = False,
@@ -1628,6 +1691,7 @@ class SGDRegressor(_SGDMixin, _Regressor):
         self.batch_size = batch_size
         self.chunk_rows = chunk_rows
         self.store_dir = store_dir
+        self.storage_options = storage_options
         self.client = client
         self.random_state = random_state
         self.verbose = verbose
@@ -1693,7 +1757,7 @@ class MLPClassifier(_Classifier):
         For ``solver="sgd"``.
     nesterovs_momentum : bool, default=True
         For ``solver="sgd"``.
-    chunk_rows, store_dir, client, random_state, verbose, standardize
+    chunk_rows, store_dir, storage_options, client, random_state, verbose, standardize
         As in :class:`LogisticRegression`.
 
     Attributes
@@ -1743,6 +1807,7 @@ class MLPClassifier(_Classifier):
         nesterovs_momentum: bool = True,
         chunk_rows: int | str = "auto",
         store_dir: str | os.PathLike[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
         client: Any = None,
         random_state: Any = None,
         verbose: bool = False,
@@ -1761,6 +1826,7 @@ class MLPClassifier(_Classifier):
         self.nesterovs_momentum = nesterovs_momentum
         self.chunk_rows = chunk_rows
         self.store_dir = store_dir
+        self.storage_options = storage_options
         self.client = client
         self.random_state = random_state
         self.verbose = verbose

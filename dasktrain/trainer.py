@@ -26,7 +26,7 @@ import numpy as np
 from dasktrain.callbacks import Callback, EarlyStopping, ProgressBar
 from dasktrain.data import Dataset
 from dasktrain.engine.cache import DEFAULT_CACHE_FRACTION, worker_cache
-from dasktrain.engine.cluster import ClientHandle, get_client
+from dasktrain.engine.cluster import ClientHandle, get_client, prepare_client
 from dasktrain.engine.engine import Engine
 from dasktrain.engine.plan import full_pass
 from dasktrain.engine.rank import EVENT_TOPIC
@@ -59,8 +59,8 @@ from dasktrain.params.tables import (
     PARAM,
     ParamStoreRef,
     open_table_array,
-    read_rows,
 )
+from dasktrain.predictor import apply_dense, apply_table_rows
 from dasktrain.preprocessing import (
     MAX_CANCELLATION,
     Moments,
@@ -224,6 +224,7 @@ class Trainer:
         if self._store_exists():
             self._check_store_matches(self._open_store())
         self._handle: ClientHandle = get_client(client)
+        prepare_client(self._handle.client)
         self._engine = Engine(self._handle.client, cache_fraction=cache_fraction)
         self._sharded_engine = ShardedEngine(self._engine)
         self._segments: SegmentRunner | None = None
@@ -247,12 +248,16 @@ class Trainer:
             model = model_from_config(meta["model"])
             optimizer = optimizer_from_config(meta["optimizer"])
             seed = int(meta["seed"])
-            sharded = bool(ps.table_layouts())
+            # Stores written before "sharded" was recorded: their tables say.
+            sharded = bool(meta.get("sharded", bool(ps.table_layouts())))
+            shard_rows = meta.get("shard_rows")
+            shard_rows = None if shard_rows is None else int(shard_rows)
             stored = meta.get("preprocessing", {}).get("standardize")
             standardize = None if stored is None else Standardize.from_config(stored)
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(
-                f"parameter store {os.fspath(store)!r} does not describe a run: {exc}"
+                f"parameter store {os.fspath(store)!r} does not describe a run "
+                f"(its metadata lack {exc}); it was not written by a Trainer"
             ) from exc
         return cls(
             model,
@@ -263,6 +268,7 @@ class Trainer:
             keep_versions=ps.keep_versions,
             cache_fraction=cache_fraction,
             sharded=sharded,
+            shard_rows=shard_rows,
             storage_options=storage_options,
             standardize=standardize or False,
         )
@@ -297,6 +303,14 @@ class Trainer:
             raise ConfigMismatchError(
                 f"parameter store {self.store_path!r} was trained with seed "
                 f"{meta.get('seed')}, not {self.seed}"
+            )
+        if ps.committed is None and bool(meta.get("sharded", self.sharded)) != (
+            self.sharded
+        ):
+            raise ConfigMismatchError(
+                f"parameter store {self.store_path!r} was created for a run with "
+                f"sharded={meta.get('sharded')}; create the Trainer with the same "
+                f"sharded (or use Trainer.resume)"
             )
         self._adopt_standardize(meta)
 
@@ -406,9 +420,7 @@ class Trainer:
     def _meta(self, run: Run) -> dict[str, Any]:
         assert self._schema is not None
         return {
-            "model": self.model.config(),
-            "optimizer": self.optimizer.config(),
-            "seed": self.seed,
+            **self._run_config(),
             "schema": self._schema.to_json(),
             "progress": {
                 "step": run.step,
@@ -458,12 +470,26 @@ class Trainer:
             ps = self._open_store()
             self._check_store_matches(ps)
             return ps
+        # The run's configuration goes in with the store (one atomic write):
+        # a driver killed before its first commit leaves a store that
+        # Trainer.resume, or the same script run again, starts cleanly.
         return ParamStore.create(
             self.store_path,
             keep_versions=self.keep_versions,
-            meta={},
+            meta={**self._run_config(), "status": "starting"},
             storage_options=self._store_ref.storage_options,
         )
+
+    def _run_config(self) -> dict[str, Any]:
+        """What a store records of its run from its creation on: all that
+        :meth:`resume` needs to make the same trainer."""
+        return {
+            "model": self.model.config(),
+            "optimizer": self.optimizer.config(),
+            "seed": self.seed,
+            "sharded": self.sharded,
+            "shard_rows": self.shard_rows,
+        }
 
     def _start_run(self, ps: ParamStore, data: Dataset) -> Run:
         if ps.committed is not None:
@@ -978,23 +1004,10 @@ class Trainer:
             )
         if not run.tables:
             return getattr(model, kind)(run.params, X)
-        batch = {f: np.asarray(X[f]) for f in model.input_fields if f in X}
-        missing = [f for f in model.input_fields if f not in batch]
-        if missing:
-            raise ValueError(
-                f"missing fields {missing}; {type(model).__name__} "
-                f"needs {list(model.input_fields)}"
-            )
-        model._raise_bad_ids(batch)
         assert run.table_step is not None
-        rows = {}
-        for table, ids in model.row_ids(batch).items():
-            uniq = np.unique(ids)
-            rows[table] = (
-                uniq,
-                read_rows(self._store_ref, run.table_step, layouts[table], uniq),
-            )
-        return model.predict_rows(run.params, rows, batch, kind)
+        return apply_table_rows(
+            model, run.params, self._store_ref, run.table_step, layouts, kind, X
+        )
 
     # -- evaluation and prediction ---------------------------------------------
     def evaluate(
@@ -1147,15 +1160,11 @@ class Trainer:
                 drop_axis=1 if not out_shape else None,
                 chunks=(X.chunks[0], *tuple((s,) for s in out_shape)),
             )
-        arr = np.asarray(X)
-        if arr.ndim != 2:
-            raise ValueError(f"X must be 2-d (rows, features), got shape {arr.shape}")
-        if arr.dtype.kind not in "fiub":
-            raise TypeError(f"X must be numeric, got dtype {arr.dtype}")
-        self._check_width(arr.shape[1])
-        if self._standardize is not None:
-            arr = self._standardize.transform(arr)
-        return fn(params, arr if arr.dtype.kind == "f" else arr.astype(np.float64))
+        # The same computation as dasktrain.load_model(store).predict(X).
+        n_features = None if self._schema is None else self._schema.n_features
+        return apply_dense(
+            self.model, params, n_features, kind, X, standardize=self._standardize
+        )
 
     def _check_width(self, width: int) -> None:
         if self._schema is not None and self._schema.n_features != width:

@@ -14,12 +14,16 @@ from distributed import Client, LocalCluster, as_completed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClientHandle", "get_client", "run_tasks"]
+__all__ = ["CLIENT_HOOKS", "ClientHandle", "get_client", "prepare_client", "run_tasks"]
 
 #: Embedded clusters: one single-threaded worker process per core, so that a
 #: NumPy kernel holds one core and decoding runs in parallel across workers.
 DEFAULT_THREADS_PER_WORKER = 1
 MALLOC_TRIM_VARIABLE = "MALLOC_TRIM_THRESHOLD_"
+#: Called by :func:`prepare_client` with each client a trainer runs on.  The
+#: package face adds the dashboard page's installer here, so that the engine
+#: never imports the monitor.
+CLIENT_HOOKS: list[Callable[[Client], None]] = []
 
 
 @dataclass
@@ -47,11 +51,6 @@ class ClientHandle:
 
 
 def _start_local_cluster(n_workers: int | None = None) -> ClientHandle:
-    # The dashboard page must be registered before the scheduler's HTTP server
-    # starts (the one place below the package face that imports monitor).
-    from dasktrain.monitor.dashboard import register as register_dashboard_page
-
-    register_dashboard_page()
     n = n_workers or max(1, os.cpu_count() or 1)
     # Dask starts workers with MALLOC_TRIM_THRESHOLD_ set, which also fixes
     # glibc's mmap threshold: every decoded chunk then lands in freshly mapped,
@@ -104,6 +103,12 @@ def get_client(client: Client | str | None = None) -> ClientHandle:
         return ClientHandle(default_client(), None)
     except ValueError:
         return _start_local_cluster()
+
+
+def prepare_client(client: Client) -> None:
+    """Run the :data:`CLIENT_HOOKS` on ``client`` (the dashboard page)."""
+    for hook in CLIENT_HOOKS:
+        hook(client)
 
 
 def run_tasks(

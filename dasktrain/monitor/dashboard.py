@@ -7,17 +7,26 @@ module turns those events into a Bokeh page served by the scheduler at
 run), rows per second, step time and worker cache hit rate, under a header
 naming the current run.
 
-Importing this module registers the page with
-``distributed.dashboard.scheduler.applications``.  The scheduler builds its
-dashboard from that table when its HTTP server starts, so the import must
-happen *before* the scheduler starts:
+The page reaches a scheduler in two ways, so that it is served wherever a
+trainer runs, without any set-up:
 
-- an in-process ``LocalCluster``: import this module, then create the cluster;
-- a scheduler started from the command line:
-  ``dask scheduler --preload dasktrain.dashboard``.
+- ``import dasktrain`` registers it with
+  ``distributed.dashboard.scheduler.applications``, the table a scheduler
+  builds its dashboard from when its HTTP server starts.  Bokeh is not
+  imported for this: if distributed's dashboard module is not imported yet,
+  the page is added the moment it is (which a scheduler does only when it
+  starts a dashboard).  So an in-process ``LocalCluster`` created after
+  ``import dasktrain`` serves the page.
+- A :class:`~dasktrain.Trainer` registers :class:`DashboardPagePlugin` on
+  its scheduler.  On a scheduler whose dashboard runs without the page (one
+  started by ``dask scheduler`` with no preload, or a cluster created
+  before ``import dasktrain``), the plugin adds the page to the running
+  Bokeh server (:func:`install_page`).
 
 The page is then served, listed in ``/individual-plots.json`` (the buttons of
 the JupyterLab Dask extension) and in the dashboard's "More..." menu.
+``dask scheduler --preload dasktrain.dashboard`` still works, and serves the
+page before any trainer connects.
 
 Examples
 --------
@@ -31,13 +40,22 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import html
+import importlib.abc
+import importlib.machinery
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+import sys
+import types
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urljoin
+
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 from dasktrain.engine.rank import BATCH_KEY, EVENT_TOPIC
 
@@ -47,16 +65,24 @@ __all__ = [
     "APP_PATH",
     "EVENT_TOPIC",
     "DashboardData",
+    "DashboardPagePlugin",
     "RunSeries",
     "dashboard_data",
     "dasktrain_doc",
+    "ensure_page",
     "header_html",
+    "install_page",
     "register",
 ]
 
 #: Where the scheduler serves the page.  The ``individual-`` prefix is what
 #: lists it in ``/individual-plots.json`` and the "More..." menu.
 APP_PATH = "/individual-dasktrain"
+#: The module of distributed that holds the dashboard's applications (and
+#: imports Bokeh).
+DASHBOARD_MODULE = "distributed.dashboard.scheduler"
+#: Name of the page in the dashboard's "More..." menu.
+MENU_NAME = "Dasktrain"
 #: How often an open page re-reads the scheduler's event log.
 UPDATE_INTERVAL_MS = 500
 #: Lines drawn at most: the runs with the most recent events.
@@ -480,23 +506,188 @@ def dasktrain_doc(scheduler: Any, extra: Mapping[str, Any], doc: Any) -> None:
         pass
 
 
+def _add_to_applications(module: types.ModuleType) -> None:
+    module.applications[APP_PATH] = dasktrain_doc
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    """Runs the real loader of distributed's dashboard module, then adds the
+    page to its ``applications``."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._loader.exec_module(module)
+        _add_to_applications(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_code, ...
+        return getattr(self._loader, name)
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Wraps the loader of :data:`DASHBOARD_MODULE` when it is first
+    imported, then leaves ``sys.meta_path``."""
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: types.ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != DASHBOARD_MODULE:
+            return None
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if find is None:
+                continue
+            spec: importlib.machinery.ModuleSpec | None = find(fullname, path, target)
+            if spec is None:
+                continue
+            if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader = _RegisteringLoader(spec.loader)
+            return spec
+        return None
+
+
+_ON_IMPORT = _RegisterOnImport()
+
+
 def register() -> bool:
     """Add the page to the scheduler dashboard's applications (idempotent).
 
-    Only schedulers whose HTTP server starts after this call serve the page.
+    If distributed's dashboard module (which imports Bokeh) is not imported
+    yet, it is not imported here: the page is added when it is, that is when
+    a scheduler in this process starts its dashboard.  Only schedulers whose
+    HTTP server starts after this call serve the page this way; running ones
+    get it from :func:`install_page`.
 
     Returns
     -------
     bool
-        ``False`` if the Dask dashboard cannot be imported (no suitable Bokeh).
+        ``True`` (the page is registered, or will be on import).
+    """
+    module = sys.modules.get(DASHBOARD_MODULE)
+    if module is not None:
+        _add_to_applications(module)
+    elif _ON_IMPORT not in sys.meta_path:
+        sys.meta_path.insert(0, _ON_IMPORT)
+    return True
+
+
+def _bokeh_server(scheduler: Any) -> Any:
+    """The Bokeh server (a ``BokehTornado``) of a scheduler's dashboard, or
+    ``None`` if it runs none."""
+    from bokeh.server.tornado import BokehTornado
+
+    http_application = getattr(scheduler, "http_application", None)
+    for app in getattr(http_application, "applications", ()):
+        if isinstance(app, BokehTornado):
+            return app
+    return None
+
+
+def install_page(scheduler: Any) -> bool:
+    """Serve the page on the running dashboard of ``scheduler`` (idempotent).
+
+    A scheduler's Bokeh server makes its routes from the applications it
+    knows when its HTTP server starts.  This adds the page to a server that
+    runs without it, the way that server adds its own applications: an
+    application context for :data:`APP_PATH`, Bokeh's per-application routes
+    (document, websocket, metadata, autoload script, static files), the load
+    hook, and an entry in the "More..." menu.  Runs on the scheduler's event
+    loop (from :class:`DashboardPagePlugin`).
+
+    Returns
+    -------
+    bool
+        ``True`` if the page is served (already, or now); ``False`` if the
+        scheduler runs no Bokeh dashboard.
     """
     try:
-        from distributed.dashboard import scheduler as dashboard_scheduler
+        from bokeh.application import Application
+        from bokeh.application.handlers.function import FunctionHandler
+        from bokeh.server.contexts import ApplicationContext
+        from bokeh.server.tornado import create_static_handler
+        from bokeh.server.urls import per_app_patterns
+        from bokeh.server.views.ws import WSHandler
+        from distributed.dashboard.scheduler import template_variables
     except ImportError:
-        logger.info("the Dask dashboard is unavailable: no dasktrain page")
         return False
-    dashboard_scheduler.applications[APP_PATH] = dasktrain_doc
+    server = _bokeh_server(scheduler)
+    if server is None:
+        return False
+    if APP_PATH in server.app_paths:
+        return True
+    prefix = server.prefix
+    variables = template_variables(scheduler)
+    extra = {"prefix": prefix + "/", **variables}
+    application = Application(
+        FunctionHandler(functools.partial(dasktrain_doc, scheduler, extra))
+    )
+    logout_url = server.auth_provider.logout_url
+    if logout_url is not None:
+        logout_url = urljoin(prefix + "/", logout_url.lstrip("/"))
+    context = ApplicationContext(
+        application, io_loop=server.io_loop, url=APP_PATH, logout_url=logout_url
+    )
+    # BokehTornado has no public way to add an application once built: its
+    # table of applications is what /individual-plots.json and the sessions
+    # look up, and the routes below are what its constructor would have made.
+    server._applications[APP_PATH] = context
+    websocket_path = prefix + APP_PATH + "/ws"
+    routes: list[tuple[str, Any, dict[str, Any]]] = []
+    for pattern, handler, *_ in per_app_patterns:
+        kwargs: dict[str, Any] = {
+            "application_context": context,
+            "bokeh_websocket_path": websocket_path,
+        }
+        if issubclass(handler, WSHandler):
+            kwargs["compression_level"] = None
+            kwargs["mem_level"] = None
+        routes.append((prefix + APP_PATH + pattern, handler, kwargs))
+    routes.append(create_static_handler(prefix, APP_PATH, application))
+    server.add_handlers(r".*", routes)
+    server.io_loop.add_callback(context.run_load_hook)
+    plots = variables.get("plots")
+    if isinstance(plots, list) and not any(
+        p.get("url") == APP_PATH.strip("/") for p in plots
+    ):
+        plots.append({"url": APP_PATH.strip("/"), "name": MENU_NAME})
+        plots.sort(key=lambda p: p["name"])
+    logger.info("added the dasktrain page to the dashboard at %s", APP_PATH)
     return True
+
+
+class DashboardPagePlugin(SchedulerPlugin):
+    """A scheduler plugin that serves the page on the scheduler's running
+    dashboard (see :func:`install_page`); registered by every trainer."""
+
+    name = "dasktrain-dashboard-page"
+    idempotent = True
+
+    async def start(self, scheduler: Any) -> None:
+        if not install_page(scheduler):
+            logger.info("scheduler %s runs no Bokeh dashboard", scheduler.address)
+
+
+def ensure_page(client: Any) -> None:
+    """Make the scheduler of ``client`` serve the page (one round trip;
+    idempotent).  A scheduler that refuses plugins (or has no dashboard)
+    only costs a log line: training does not depend on the page."""
+    try:
+        client.register_plugin(DashboardPagePlugin())  # sync point
+    except Exception:
+        logger.info(
+            "could not add the dasktrain page to the dashboard of %s",
+            getattr(client, "scheduler", None),
+            exc_info=True,
+        )
 
 
 register()

@@ -19,6 +19,16 @@ Only the versions listed there exist as far as readers are concerned: a
 directory under ``versions/`` that is not listed is the leftover of a commit
 that crashed, and is ignored (and removed by :meth:`ParamStore.cleanup`).
 
+Creation
+--------
+A local store is written in a hidden sibling directory
+(``.<name>.creating-<pid>-<random>-<host>``) and renamed into place, so it
+appears complete, with the ``meta`` it was created with, or not at all; a
+sibling left by a crashed creation is removed by the next creation of the
+same store.  A remote store appears with its root ``zarr.json`` (one object).
+A trainer records its run's configuration in that first ``meta``, so a store
+whose first version was never committed still describes its run.
+
 Commit protocol
 ---------------
 1. The caller must hold the write lock; the step must exceed ``committed``.
@@ -50,6 +60,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +69,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import psutil
 import zarr
 import zarr.api.asynchronous
 from zarr.errors import BaseZarrError, ContainsArrayError
@@ -118,6 +130,9 @@ _OPT = "opt"
 _ZARR_JSON = "zarr.json"
 _ZARR_TEMP_SUFFIX = ".partial"
 _LINK_TEMP_SUFFIX = ".linking"
+#: A local store is created in a hidden sibling directory
+#: ``.<name>.creating-<pid>-<random>-<host>``, then renamed into place.
+_CREATING_INFIX = ".creating-"
 _TARGET_CHUNK_BYTES = 1 << 20
 _DEFAULT_KEEP_VERSIONS = 3
 _ALLOWED_OPT_KINDS = "biuf"
@@ -642,6 +657,55 @@ def _chunks_for(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
 # ---------------------------------------------------------------- the store
 
 
+def _write_empty_store(store: LocalStore | FsspecStore, attrs: dict[str, Any]) -> None:
+    root = zarr.create_group(
+        store=store, attributes={ATTRS_KEY: attrs}, overwrite=False
+    )
+    root.create_group(_VERSIONS)
+
+
+def _creation_is_dead(name: str) -> bool:
+    """Whether ``name`` (a creation directory, see :data:`_CREATING_INFIX`)
+    was left by a process of this host that no longer runs."""
+    try:
+        pid_text, _, host = name.split(_CREATING_INFIX, 1)[1].split("-", 2)
+        pid = int(pid_text)
+    except (IndexError, ValueError):
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False
+
+
+def _create_local(root: Path, attrs: dict[str, Any]) -> None:
+    """Create a local store all at once: written in a hidden sibling
+    directory, then renamed into place.  A crash at any moment leaves either
+    no store or a complete one (with the run's configuration in ``attrs``);
+    the sibling a crash leaves is removed by the next creation."""
+    parent = root.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{root.name}{_CREATING_INFIX}"
+    for leftover in parent.glob(f"{prefix}*"):
+        if _creation_is_dead(leftover.name):
+            shutil.rmtree(leftover, ignore_errors=True)
+    staged = parent / (
+        f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
+    )
+    try:
+        _write_empty_store(LocalStore(staged), attrs)
+        # Atomic; also replaces an empty directory, and fails on anything
+        # else (another store created meanwhile).
+        os.rename(staged, root)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
 class ParamStore:
     """A versioned parameter store on disk (a Zarr v3 group).
 
@@ -752,13 +816,13 @@ class ParamStore:
                 "another path)"
             )
         try:
-            location.make_root()
-            root = zarr.create_group(
-                store=location.zarr_store(read_only=False),
-                attributes={ATTRS_KEY: attrs},
-                overwrite=False,
-            )
-            root.create_group(_VERSIONS)
+            if location.remote:
+                # One object (the root zarr.json, with the attributes) makes
+                # the store; the versions group is only a placeholder.
+                location.make_root()
+                _write_empty_store(location.zarr_store(read_only=False), attrs)
+            else:
+                _create_local(location.root, attrs)
         except StoreError:
             raise
         except (OSError, BaseZarrError) as exc:

@@ -1,17 +1,21 @@
 """The "dasktrain" page of the Dask dashboard, served by real schedulers.
 
-An in-process LocalCluster started after importing the module, the engine's
-embedded cluster (in a fresh interpreter), and a
-``dask scheduler --preload dasktrain.dashboard`` subprocess with a
-``dask worker`` subprocess, all on 127.0.0.1.  The page's content is read
-back with ``bokeh.client.pull_session`` and, if Chromium is installed,
-rendered headless and screenshotted.
+An in-process LocalCluster started after importing the module; in fresh
+interpreters, a user's own LocalCluster after a plain ``import dasktrain``,
+one started before it, and the trainer's embedded cluster; a
+``dask scheduler`` subprocess with no preload (and one with
+``--preload dasktrain.dashboard``) with a ``dask worker`` subprocess; all on
+127.0.0.1.  The page's content is read back with
+``bokeh.client.pull_session`` and, if Chromium is installed, rendered
+headless and screenshotted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import io
 import json
 import logging
 import math
@@ -266,31 +270,114 @@ def test_page_shows_fit_live(
     assert data.current is not None and data.current["step"] == n_steps
 
 
-EMBEDDED_SCRIPT = """
-import json, urllib.request
-from dasktrain.engine.cluster import _start_local_cluster
-handle = _start_local_cluster(1)
-try:
-    port = handle.cluster.scheduler.http_server.port
-    url = f"http://127.0.0.1:{port}/individual-plots.json"
-    with urllib.request.urlopen(url, timeout=30) as response:
-        print(json.dumps(json.load(response)))
-finally:
-    handle.close()
+#: Run in a fresh interpreter: start a cluster the way a user would (argv[1]),
+#: fit, print the dashboard's address, and keep serving until stdin closes.
+SERVE_SCRIPT = """
+import json, sys
+import numpy as np
+
+mode, tmp = sys.argv[1], sys.argv[2]
+client = cluster = None
+if mode == "cluster-first":
+    # A cluster created before dasktrain is imported: its dashboard is built
+    # without the page; the trainer adds it.
+    from distributed import Client, LocalCluster
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                           host="127.0.0.1", dashboard_address="127.0.0.1:0")
+    client = Client(cluster)
+    before = "Individual Dasktrain" in client.run_on_scheduler(
+        lambda dask_scheduler: {
+            p.strip("/").replace("-", " ").title()
+            for a in dask_scheduler.http_application.applications
+            for p in getattr(a, "app_paths", ())
+        }
+    )
+import dasktrain as dt
+bokeh_after_import = "bokeh" in sys.modules
+if mode == "own":
+    from distributed import Client, LocalCluster
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                           host="127.0.0.1", dashboard_address="127.0.0.1:0")
+    client = Client(cluster)
+rng = np.random.default_rng(0)
+X = rng.normal(size=(900, 4)).astype(np.float32)
+y = (X @ np.array([1.0, -2.0, 0.5, 0.0]) > 0).astype(np.float32)
+ds = dt.Dataset.from_arrays(tmp + "/data.zarr", X=X, y=y, chunk_rows=100)
+store = tmp + "/run.zarr"
+trainer = dt.Trainer(dt.models.LogisticRegression(l2=1e-3),
+                     dt.optim.Adam(learning_rate=0.1), store=store, client=client)
+history = trainer.fit(ds, epochs=1, batch_rows=300, progress=False)
+link = trainer.dashboard_link
+print(json.dumps({
+    "base_url": link.rsplit("/", 1)[0],
+    "store": store,
+    "steps": [int(s) for s in history.to_pandas()["step"]],
+    "bokeh_after_import": bokeh_after_import,
+    "page_before_trainer": before if mode == "cluster-first" else None,
+}), flush=True)
+sys.stdin.read()
+trainer.close()
+if client is not None:
+    client.close()
+    cluster.close()
 """
 
 
-def test_embedded_cluster_serves_page() -> None:
-    # A fresh interpreter: nothing but the engine imports the dashboard module.
-    out = subprocess.run(
-        [sys.executable, "-c", EMBEDDED_SCRIPT],
-        capture_output=True,
+@contextlib.contextmanager
+def _serving(mode: str, tmp: Path) -> Iterator[dict[str, Any]]:
+    """Run :data:`SERVE_SCRIPT` in ``mode``; yield what it printed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE_SCRIPT, mode, str(tmp)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
-        timeout=STARTUP_TIMEOUT_S * 2,
-        check=True,
     )
-    plots = json.loads(out.stdout.strip().splitlines()[-1])
-    assert plots.get("Individual Dasktrain") == APP_PATH
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the serving script exited with {proc.wait(60)}")
+        yield json.loads(line)
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=STARTUP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _assert_serves_fit(base_url: str, store: str, steps: list[int]) -> None:
+    """The page is listed, served, and shows the fit; then, in Chromium if
+    installed, rendered with the run's loss line."""
+    assert _individual_plots(base_url)["Individual Dasktrain"] == APP_PATH
+    status, body = _get(base_url + APP_PATH)
+    assert status == 200
+    assert b"<title>Dask: dasktrain</title>" in body
+    state = _page_state(base_url)
+    assert state["loss"]["xs"] == [steps]
+    assert state["loss"]["store"] == [store]
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(
+            f"{CHROMIUM} not installed (Debian: apt-get install chromium "
+            "fonts-dejavu-core); the page was checked without a browser"
+        )
+    rgb = _render(base_url + APP_PATH)
+    assert rgb.std() > 10
+    assert _pixels_of(rgb, RUN_COLORS[0]) > 500
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["own", "cluster-first", "embedded"])
+def test_page_served_wherever_a_trainer_runs(mode: str, tmp_path: Path) -> None:
+    # A fresh interpreter each: no preload, no `import dasktrain.dashboard`.
+    with _serving(mode, tmp_path) as info:
+        # Registering the page does not import Bokeh.
+        assert info["bokeh_after_import"] is (mode == "cluster-first")
+        if mode == "cluster-first":
+            assert info["page_before_trainer"] is False
+        _assert_serves_fit(info["base_url"], info["store"], info["steps"])
 
 
 # --------------------------------------------------------------------------
@@ -321,7 +408,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=10)
 
 
-def test_cli_scheduler_with_preload(tmp_path: Path) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
+def test_cli_scheduler(preload: bool, tmp_path: Path) -> None:
     scheduler_file = tmp_path / "scheduler.json"
     dask_cli = [sys.executable, "-m", "dask"]
     scheduler = subprocess.Popen(
@@ -336,8 +425,7 @@ def test_cli_scheduler_with_preload(tmp_path: Path) -> None:
             "127.0.0.1:0",
             "--scheduler-file",
             str(scheduler_file),
-            "--preload",
-            "dasktrain.dashboard",
+            *(["--preload", "dasktrain.dashboard"] if preload else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -366,18 +454,29 @@ def test_cli_scheduler_with_preload(tmp_path: Path) -> None:
     try:
         info = _wait_for_file(scheduler_file, scheduler)
         base_url = f"http://127.0.0.1:{info['services']['dashboard']}"
-        assert _individual_plots(base_url)["Individual Dasktrain"] == APP_PATH
-        status, body = _get(base_url + APP_PATH)
-        assert status == 200
-        assert b"<title>Dask: dasktrain</title>" in body
+        listed = "Individual Dasktrain" in _individual_plots(base_url)
+        # Without a preload, the scheduler has no page until a trainer comes.
+        assert listed is preload
+        if preload:
+            status, body = _get(base_url + APP_PATH)
+            assert status == 200
+            assert b"<title>Dask: dasktrain</title>" in body
 
         with Client(scheduler_file=str(scheduler_file)) as client:
             client.wait_for_workers(1, timeout=STARTUP_TIMEOUT_S)
             fit = _fit(client, tmp_path, epochs=1)
+            # A second trainer on the same scheduler changes nothing.
+            dt.Trainer(
+                dt.models.LogisticRegression(l2=1e-3),
+                dt.optim.Adam(learning_rate=0.1),
+                store=fit.store,
+                client=client,
+            ).close()
+        status, body = _get(base_url + "/status")
+        assert status == 200 and b'href="individual-dasktrain"' in body
         state = _page_state(base_url)
-        assert state["loss"]["xs"] == [list(fit.history.to_pandas()["step"])]
-        assert state["loss"]["store"] == [fit.store]
         assert f"step <b>{STEPS_PER_EPOCH}</b>" in state["header"]
+        _assert_serves_fit(base_url, fit.store, list(fit.history.to_pandas()["step"]))
     finally:
         _stop(worker)
         _stop(scheduler)
@@ -484,6 +583,20 @@ async def _screenshot(url: str, profile: Path, *, settle_s: float = 1.5) -> byte
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def _render(url: str) -> np.ndarray:
+    """``url`` rendered in headless Chromium (a fresh profile), as RGB."""
+    from PIL import Image
+
+    profile = Path(tempfile.mkdtemp(prefix="dasktrain-chromium-"))
+    try:
+        png = asyncio.run(_screenshot(url, profile))
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.size == VIEWPORT
+        return np.asarray(image.convert("RGB"))
 
 
 def _pixels_of(rgb: np.ndarray, hex_color: str, tolerance: int = 40) -> int:
