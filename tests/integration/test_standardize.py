@@ -112,6 +112,10 @@ def test_statistics_stored_and_applied_everywhere(
         manual_train, epochs=3, batch_rows=250, validation=manual_val, progress=False
     )
     np.testing.assert_array_equal(resumed.params["w"], manual.params["w"])
+    # Served without a cluster: the same statistics, the same predictions.
+    served = dt.load_model(tmp_path / "std.zarr")
+    np.testing.assert_array_equal(served.predict(X[:50]), resumed.predict(X[:50]))
+    np.testing.assert_array_equal(served.predict(X[:50]), manual.predict(Xs[:50]))
     resumed.close()
     manual.close()
 
