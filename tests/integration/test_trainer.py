@@ -231,10 +231,10 @@ def test_softmax_linear_and_mlp_train(tmp_path: Path, client: Client) -> None:
 def test_data_larger_than_the_cache(
     tmp_path: Path, client: Client, make_client: Callable[..., Client]
 ) -> None:
-    """~100 MB of float32 features on workers of 300 MiB whose chunk caches
+    """~100 MB of float32 features on workers of 384 MiB whose chunk caches
     hold less than a third of it: the fit streams, stays within memory, and
     gives the bits of the fully cached run."""
-    small = make_client(2, memory_limit="300MiB")
+    small = make_client(2, memory_limit="384MiB")
     ds = dt.datasets.make_classification(
         tmp_path / "big.zarr",
         n_rows=1_250_000,
