@@ -17,13 +17,13 @@ from dasktrain.models.linear import (
     check_binary_labels,
     integer_at_least,
     nonnegative_float,
-    sigmoid_columns,
 )
 from dasktrain.models.sparse import (
     SparseModel,
     TableSpec,
     _check_dtype,
     _check_field,
+    binary_outputs,
     check_regularization,
     finite_float,
     segment_sum,
@@ -431,13 +431,7 @@ class FactorizationMachine(SparseModel):
             if kind != "predict":
                 raise ValueError(f"FactorizationMachine(loss='squared') has no {kind}")
             return z
-        if kind == "decision_function":
-            return z
-        if kind == "predict_proba":
-            return sigmoid_columns(z)
-        if kind == "predict":
-            return (z > 0).astype(np.int64)
-        raise ValueError(f"FactorizationMachine has no {kind}")
+        return binary_outputs(z, kind, type(self).__name__)
 
     def decision_function(self, params: Params, X: Any) -> np.ndarray:
         return self._predict(params, X, "decision_function")

@@ -710,19 +710,26 @@ class SparseLogisticRegression(SparseModel):
         """Labels (int64, 0 or 1), probabilities ``[P(y=0), P(y=1)]`` or the
         decision values ``z``."""
         z, *_ = self._decision(dense, rows, batch)
-        if kind == "decision_function":
-            return z
-        if kind == "predict_proba":
-            return sigmoid_columns(z)
-        if kind == "predict":
-            return (z > 0).astype(np.int64)
-        raise ValueError(f"SparseLogisticRegression has no {kind}")
+        return binary_outputs(z, kind, type(self).__name__)
 
     def decision_function(self, params: Params, X: Any) -> np.ndarray:
         return self._predict(params, X, "decision_function")
 
     def predict_proba(self, params: Params, X: Any) -> np.ndarray:
         return self._predict(params, X, "predict_proba")
+
+
+def binary_outputs(z: np.ndarray, kind: str, model_name: str) -> np.ndarray:
+    """What a binary classifier with decision values ``z`` returns for
+    ``kind``: ``"predict"`` labels (int64, 0 or 1), ``"predict_proba"``
+    ``[P(y=0), P(y=1)]`` or ``"decision_function"`` ``z`` itself."""
+    if kind == "decision_function":
+        return z
+    if kind == "predict_proba":
+        return sigmoid_columns(z)
+    if kind == "predict":
+        return (z > 0).astype(np.int64)
+    raise ValueError(f"{model_name} has no {kind}")
 
 
 def _as_batch(X: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:
