@@ -141,6 +141,8 @@ class RunSeries:
     val_steps: list[int] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     last: dict[str, Any] = field(default_factory=dict)
+    #: The workers' memory budgets as the latest epoch-end row gave them.
+    memory: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,7 @@ def _runs_from_events(
             run.val_steps.append(step)
             run.val_loss.append(_number(msg["val_loss"]))
         run.last = dict(msg)
+        run.memory.update({k: msg[k] for k in MEMORY_KEYS if k in msg})
     return runs, n_events
 
 
@@ -305,12 +308,27 @@ def dashboard_data(events: Iterable[tuple[float, Any]]) -> DashboardData:
     current = None
     if runs:
         latest = max(runs, key=lambda r: r.last_time)
-        current = {**latest.last, "store": latest.store, "label": latest.label}
+        current = {
+            **latest.memory,
+            **latest.last,
+            "store": latest.store,
+            "label": latest.label,
+        }
         if latest.val_loss:
             current.setdefault("val_loss", latest.val_loss[-1])
     return DashboardData(
         runs=shown, sources=sources, current=current, n_events=n_events
     )
+
+
+#: History-row fields of the workers' memory budgets (epoch-end rows).
+MEMORY_KEYS = (
+    "cache_bytes",
+    "cache_capacity_bytes",
+    "cache_evictions",
+    "worker_pauses",
+    "peak_rss_fraction",
+)
 
 
 def _format(value: Any, spec: str) -> str:
@@ -335,6 +353,16 @@ def header_html(current: Mapping[str, Any] | None) -> str:
         f"step time {_format(current.get('seconds'), '.3f')} s",
         f"cache hits {_format(current.get('cache_hit_rate'), '.0%')}",
     ]
+    if "cache_capacity_bytes" in current:
+        # The workers' memory budgets at the latest epoch end.
+        held = _number(current.get("cache_bytes")) / 2**20
+        room = _number(current["cache_capacity_bytes"]) / 2**20
+        parts.append(
+            f"worker caches {_format(held, '.0f')} of {_format(room, '.0f')} MiB, "
+            f"{_format(current.get('cache_evictions'), '.0f')} evictions, "
+            f"peak RSS {_format(current.get('peak_rss_fraction'), '.0%')} of a "
+            f"limit, {_format(current.get('worker_pauses'), '.0f')} pauses"
+        )
     if "shard_bytes_written" in current:
         # Models with sharded tables: the step's table shard traffic.
         read = _number(current.get("shard_bytes_read")) / 1e6

@@ -168,6 +168,30 @@ def test_dashboard_shows_shard_traffic_of_sharded_models() -> None:
     assert "shards" not in dashboard.header_html(events[0][1])
 
 
+def test_header_keeps_the_latest_memory_budget_of_a_run() -> None:
+    epoch_end = {
+        "store": "a.zarr",
+        "step": 10,
+        "loss": 0.5,
+        "cache_bytes": 100 * 2**20,
+        "cache_capacity_bytes": 300 * 2**20,
+        "cache_evictions": 4,
+        "worker_pauses": 0,
+        "peak_rss_fraction": 0.64,
+    }
+    events = [
+        (1.0, {"store": "a.zarr", "step": 9, "loss": 0.6}),
+        (2.0, epoch_end),
+        (3.0, {"store": "a.zarr", "step": 11, "loss": 0.4}),
+    ]
+    header = dashboard.header_html(dashboard.dashboard_data(events).current)
+    assert "step <b>11</b>" in header
+    assert "worker caches 100 of 300 MiB, 4 evictions, peak RSS 64%" in header
+    assert "0 pauses" in header
+    # Before any epoch end there is no budget to show.
+    assert "worker caches" not in dashboard.header_html(events[0][1])
+
+
 def test_dashboard_data_splits_runs_and_tolerates_gaps() -> None:
     events = [
         (1.0, {"store": "/r/a.zarr", "step": 1, "loss": 0.9, "rows_per_s": 10.0}),
