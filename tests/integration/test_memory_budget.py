@@ -259,3 +259,49 @@ def test_workers_paused_by_memory_outside_dasktrain_give_a_plain_error(
         assert "outside dasktrain" in str(info.value)
         holder.cancel()
         trainer.close()
+
+
+def test_sharded_tables_with_shuffled_ids_under_a_tight_limit(
+    tmp_path: Path, client: Client
+) -> None:
+    """Matrix factorization with ids in shuffled order (every step touches
+    every shard) on 384 MiB workers: no pause, restart or spill, peak RSS
+    under the spill threshold, the bits of a run on 4 GiB workers."""
+    n_users, n_items, rank = 1_000_000, 5_000, 15  # user table + state: 128 MB
+    rng = np.random.default_rng(11)
+    n = 400_000
+    user = rng.integers(0, n_users, n)
+    item = rng.integers(0, n_items, n)
+    rating = (3 + rng.normal(size=n)).astype(np.float32)
+    data = dt.Dataset.from_arrays(
+        tmp_path / "ratings.zarr",
+        user=user,
+        item=item,
+        rating=rating,
+        chunk_rows=50_000,
+    )
+
+    def fit(c: Client, name: str) -> dict[str, np.ndarray]:
+        model = dt.models.MatrixFactorization(n_users, n_items, rank, dtype="float32")
+        with dt.Trainer(
+            model,
+            dt.optim.Adagrad(0.1),
+            store=tmp_path / name,
+            client=c,
+            sharded=True,
+        ) as trainer:
+            trainer.fit(data, epochs=1, batch_rows=50_000, progress=False)
+            return {k: np.asarray(v) for k, v in trainer.params.items()}
+
+    expected = fit(client, "reference.zarr")
+    with local_cluster(2, memory_limit="384MiB") as small:
+        pids = small.run(os.getpid)
+        got = fit(small, "tight.zarr")
+        stats = small.run(_memory)
+    for name, value in expected.items():
+        assert np.array_equal(got[name], value), name
+    assert {a: s["pid"] for a, s in stats.items()} == pids
+    for address, s in stats.items():
+        assert s["pauses"] == 0 and s["spilled"] == 0, address
+        spill = s["spill_fraction"] * s["limit"]
+        assert s["peak_rss"] < spill, (address, s["peak_rss"] / MiB, spill / MiB)
