@@ -651,7 +651,10 @@ def test_frozen_workers_are_given_up_and_their_segments_rerun(
     assert_same_run(trainer.params, history, sgd_reference, steps, "frozen")
     assert trainer._segments is not None
     reruns = trainer._segments.reruns
-    assert len(reruns) >= 2, reruns
+    # At least the first freeze costs a rerun; the second may hit a worker
+    # that the segment running then does not use (the first one still frozen
+    # and left out), which costs nothing.
+    assert len(reruns) >= 1, reruns
     assert all("did not answer" in m for m in reruns), reruns
     # Both workers are back (none was restarted: the same processes).
     time.sleep(THAW_SECONDS)
