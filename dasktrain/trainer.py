@@ -48,6 +48,7 @@ from dasktrain.loops.full_batch import FullBatchLoop
 from dasktrain.loops.lbfgs import LBFGSLoop
 from dasktrain.loops.minibatch import MinibatchLoop, resolve_n_streams
 from dasktrain.loops.newton import NewtonLoop
+from dasktrain.loops.table_segments import TableSegmentsLoop
 from dasktrain.loops.tables import TablesLoop, sharded_pass
 from dasktrain.models.base import Model, model_from_config
 from dasktrain.models.glm import supports_second_order
@@ -716,10 +717,18 @@ class Trainer:
                 f"with the same local_steps (the rounds of an epoch depend on it)"
             )
         n_streams = None
-        if batch_rows is not None and local_steps is None and not run.tables:
+        if (
+            batch_rows is not None
+            and local_steps is None
+            and (not run.tables or _table_segments(run, options))
+        ):
             n_streams = resolve_n_streams(
                 options.n_streams, batch_rows, run.n_streams, run.epoch_step != 0
             )
+            if options.n_streams is None and run.n_streams is None:
+                # The default never asks for more streams than rows.
+                n_rows = sum(data.chunk_n_rows(c) for c in data.chunk_ids)
+                n_streams = max(1, min(n_streams, n_rows))
             if run.epoch_step != 0 and run.n_streams not in (None, n_streams):
                 raise ConfigMismatchError(
                     f"parameter store {self.store_path!r} stopped in the middle of "
@@ -783,6 +792,18 @@ class Trainer:
             "commit": self._commit,
             "log_event": self._log_event,
         }
+        if run.tables and _table_segments(run, options):
+            return TableSegmentsLoop(
+                self,
+                ps,
+                run,
+                data,
+                options,
+                segments=self._segment_runner(),
+                sharded=self._sharded_engine,
+                store_ref=self._store_ref,
+                **common,
+            )
         if run.tables:
             return TablesLoop(
                 self,
@@ -1317,3 +1338,15 @@ def _check_nonfinite_policy(on_nonfinite: Any) -> None:
         raise ValueError(
             f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}"
         )
+
+
+def _table_segments(run: Run, options: FitOptions) -> bool:
+    """Whether a fit of sharded tables runs as segments of ranks that serve
+    them: synchronous minibatch steps (``staleness=0``).  Full-batch steps
+    and steps in flight keep the per-step path, and so does an epoch that
+    per-step path started (its steps depend on that plan)."""
+    return (
+        options.batch_rows is not None
+        and options.staleness == 0
+        and not (run.epoch_step != 0 and run.n_streams is None)
+    )

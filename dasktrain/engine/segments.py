@@ -224,10 +224,19 @@ class SegmentRunner:
         n_leaves: int,
         on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
         stop_requested: Callable[[], bool] | None = None,
+        rank_fn: Callable[..., RankResult] = run_rank,
+        prepare: Callable[[SegmentSpec, int], SegmentSpec] | None = None,
+        discard: Callable[[SegmentSpec], None] | None = None,
     ) -> SegmentResult:
         """Run the segment ``template`` (its ``key``, ``addresses`` and
         ``leaves`` are filled in here) from ``start``.  ``n_leaves``: leaves
-        of the reduction tree the ranks share (streams, or chunks)."""
+        of the reduction tree the ranks share (streams, or chunks).
+
+        ``rank_fn(spec, rank, start)`` is the rank task (default
+        :func:`~dasktrain.engine.rank.run_rank`); ``prepare(spec, attempt)``,
+        if given, completes each attempt's spec (e.g. a stage version for
+        its writes) and ``discard(spec)`` undoes that for an attempt that
+        lost a rank or failed."""
         t0 = time.perf_counter()
         token = uuid.uuid4().hex[:10]
         last_error: BaseException | None = None
@@ -243,9 +252,20 @@ class SegmentRunner:
                 addresses=tuple(addresses),
                 leaves=leaves,
             )
+            if prepare is not None:
+                spec = prepare(spec, attempt)
             try:
-                result = self._attempt(spec, start, on_rows, stop_requested)
-            except LOST_RANK_ERRORS as exc:
+                result = self._attempt(spec, start, on_rows, stop_requested, rank_fn)
+            except BaseException as exc:
+                if discard is not None:
+                    try:
+                        discard(spec)
+                    except Exception:
+                        logger.warning(
+                            "could not discard segment %s", spec.key, exc_info=True
+                        )
+                if not isinstance(exc, LOST_RANK_ERRORS):
+                    raise
                 last_error = exc
                 self.reruns.append(f"{type(exc).__name__}: {exc}")
                 if self.client.status != "running" or attempt == SEGMENT_ATTEMPTS:
@@ -273,6 +293,7 @@ class SegmentRunner:
         start: dict[str, dict[str, np.ndarray]],
         on_rows: Callable[[list[dict[str, Any]]], None] | None,
         stop_requested: Callable[[], bool] | None,
+        rank_fn: Callable[..., RankResult] = run_rank,
     ) -> SegmentResult:
         client = self.client
         nbytes = sum(v.nbytes for part in start.values() for v in part.values())
@@ -281,7 +302,7 @@ class SegmentRunner:
         self._rows.open(spec.key)
         futures = [
             client.submit(
-                run_rank,
+                rank_fn,
                 spec,
                 r,
                 shared,

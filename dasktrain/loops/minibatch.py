@@ -101,7 +101,7 @@ class MinibatchLoop(FitLoop):
             every = self.options.checkpoint_steps
             if every is not None:
                 stop = min(stop, first + every - run.step % every)
-            spec = SegmentSpec(
+            spec = self.segment_spec(
                 key="",
                 store=self.store_path,
                 kind="local" if self.local else "steps",
@@ -131,14 +131,24 @@ class MinibatchLoop(FitLoop):
             )
             # The segment: ranks on the workers, the client only watches
             # (sync point: returns at the segment's end).
-            result = self.segments.run(
-                spec,
-                {"params": run.params, "opt_state": run.opt_state},
-                n_leaves=len(self.chunk_ids) if self.local else self.n_streams,
-                on_rows=self._live_rows,
-                stop_requested=lambda: self.stop_training,
-            )
+            result = self.run_segment(spec)
             self._apply(result, first, epoch_len)
+
+    def segment_spec(self, **fields: Any) -> SegmentSpec:
+        """The segment's plan (subclasses add their own fields)."""
+        return SegmentSpec(**fields)
+
+    def run_segment(self, spec: SegmentSpec, **hooks: Any) -> SegmentResult:
+        """Run one segment from the run's state (sync point)."""
+        run = self.run
+        return self.segments.run(
+            spec,
+            {"params": run.params, "opt_state": run.opt_state},
+            n_leaves=len(self.chunk_ids) if self.local else self.n_streams,
+            on_rows=self._live_rows,
+            stop_requested=lambda: self.stop_training,
+            **hooks,
+        )
 
     def _live_rows(self, rows: list[dict[str, Any]]) -> None:
         """Rows of steps the ranks finished: callbacks and progress bar (the

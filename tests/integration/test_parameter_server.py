@@ -257,7 +257,9 @@ def test_resume_equals_uninterrupted(
             callbacks=(_CrashAt(8),),
         )
     ps = dt.ParamStore.open(tmp_path / "broken.zarr")
-    assert ps.committed == 8 and sorted(ps.table_layouts()) == ["item", "user"]
+    # The ranks finish the step they are in when the interrupt reaches them;
+    # the steps of the interrupted segment are kept.
+    assert 8 <= ps.committed < 18 and sorted(ps.table_layouts()) == ["item", "user"]
     resumed = dt.Trainer.resume(tmp_path / "broken.zarr", client=client)
     resumed.fit(rating_data, epochs=3, batch_rows=CHUNK_ROWS, progress=False)
     assert_same_bits(tables(whole), tables(resumed))
@@ -285,8 +287,15 @@ def test_untouched_shards_are_shared_not_copied(
         shard_rows=SHARD_ROWS,
         keep_versions=100,  # keep every version: a checkpoint at every step
     )
+    # One stream: a step is the rows of one chunk (users grouped), so it
+    # touches few shards of the user table.
     trainer.fit(
-        rating_data, epochs=1, batch_rows=CHUNK_ROWS, progress=False, checkpoint_steps=1
+        rating_data,
+        epochs=1,
+        batch_rows=CHUNK_ROWS,
+        progress=False,
+        checkpoint_steps=1,
+        n_streams=1,
     )
     ps = dt.ParamStore.open(tmp_path / "s.zarr")
     hist = trainer.history.to_pandas()

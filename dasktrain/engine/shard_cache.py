@@ -1,0 +1,438 @@
+"""Table shards held by the ranks that serve them, bounded by the worker's budget.
+
+In a segment of a model with sharded tables (see
+:mod:`dasktrain.engine.table_rank`), every shard of every table has one
+owner rank.  The owner answers the other ranks' row requests from its
+shards and applies the optimizer to the rows their gradients touch.  Its
+shards live in the worker's :class:`ShardCache`, one per worker process,
+which draws from the worker's
+:class:`~dasktrain.engine.budget.MemoryBudget` (consumer ``"shards"``):
+
+* a shard is loaded from the store when first used: from the segment's
+  *stage* (see below) if the segment wrote it there, else from the version
+  the segment started from;
+* when the shards a rank needs do not fit, its least recently used shards
+  are evicted; a changed (*dirty*) shard is written to the stage first, so
+  nothing is lost and memory never grows with the table size or id order;
+* at the segment's end every dirty shard is written to the stage, which the
+  client turns into the next committed version (unchanged shards are shared
+  with the previous one).
+
+The *stage* is an uncommitted version directory unique to one attempt of a
+segment (:func:`stage_step`): an aborted attempt's writes are never seen by
+its rerun, nor by any reader.
+
+Each cached shard carries a *label*: the version its values belong to.  A
+shard the segment changed is labelled with the segment's stage; the next
+segment, whose start version is the one that stage became, keeps shards
+labelled with that stage or with the previous start version, and drops all
+others (e.g. those of an aborted attempt).  So a worker reads each shard
+from the store once per run as long as its budget holds the tables.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dasktrain.engine.budget import MemoryBudget, worker_budget
+from dasktrain.errors import DivergenceError
+from dasktrain.optim.base import Optimizer
+from dasktrain.params.tables import (
+    PARAM,
+    ParamStoreRef,
+    TableLayout,
+    read_shard,
+    write_shard,
+)
+
+__all__ = [
+    "STAGE_BASE",
+    "ShardCache",
+    "ShardServer",
+    "ShardTraffic",
+    "is_stage",
+    "stage_step",
+    "update_rows",
+    "worker_shard_cache",
+]
+
+#: Stage versions are numbered from here (no run has this many steps).
+STAGE_BASE = 10**12
+#: Attempts of one segment that get distinct stage numbers.
+STAGE_ATTEMPTS = 1000
+
+
+def stage_step(stop_step: int, attempt: int) -> int:
+    """The stage version of attempt ``attempt`` of a segment planned to end
+    at run step ``stop_step``."""
+    return STAGE_BASE + int(stop_step) * STAGE_ATTEMPTS + int(attempt)
+
+
+def is_stage(step: int) -> bool:
+    return int(step) >= STAGE_BASE
+
+
+def update_rows(
+    layout: TableLayout,
+    arrays: Mapping[str, np.ndarray],
+    local: np.ndarray,
+    grad: np.ndarray,
+    optimizer: Optimizer,
+    global_state: Mapping[str, np.ndarray],
+    *,
+    shard: int,
+) -> None:
+    """Apply the optimizer to rows ``local`` (positions within the shard) of
+    one shard's ``arrays`` (the parameters and the optimizer's state, in
+    their stored dtypes), in place.  ``grad``: the rows' gradient (float64).
+
+    Rows a step does not touch keep their values and state (lazy updates).
+    Raises :class:`DivergenceError` if the update is not finite (nothing is
+    changed then)."""
+    name = layout.name
+    params = {name: arrays[PARAM][local].astype(np.float64)}
+    state = {key: arrays[key][local].astype(np.float64) for key in layout.state}
+    state.update(global_state)
+    with np.errstate(over="ignore", invalid="ignore"):
+        updates, new_state = optimizer.update({name: grad}, state, params)
+        new_rows = params[name] + updates[name]
+    if not np.all(np.isfinite(new_rows)):
+        raise DivergenceError(
+            f"table {name!r}, shard {shard}: the update made parameters non-finite; "
+            "lower the learning rate"
+        )
+    arrays[PARAM][local] = new_rows
+    for key in layout.state:
+        arrays[key][local] = new_state[key]
+
+
+#: A cached shard's label: the fit's token and a version (see the module docs).
+Label = tuple[str, int]
+
+
+@dataclass
+class _Shard:
+    arrays: dict[str, np.ndarray]
+    label: Label
+    nbytes: int
+    dirty: bool = False
+
+
+@dataclass
+class ShardTraffic:
+    """What a rank's shard server did (bytes and counts)."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    shards_read: int = 0
+    shards_written: int = 0
+    evictions: int = 0
+    hits: int = 0
+    misses: int = 0
+    rows_served: int = 0
+    rows_updated: int = 0
+
+    def add(self, other: ShardTraffic) -> None:
+        for k in self.__dataclass_fields__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    def to_dict(self) -> dict[str, int]:
+        return {k: int(getattr(self, k)) for k in self.__dataclass_fields__}
+
+
+class ShardCache:
+    """The shards the ranks of one worker process hold (thread-safe).
+
+    Bounded by the worker's memory budget (or a fixed ``cap_bytes``).  The
+    budget may take memory back at any time (:meth:`shrink_to`): unchanged
+    shards are dropped at once; changed ones stay until their owner writes
+    them out at its next step (:meth:`ShardServer.make_room`).
+    """
+
+    NAME = "shards"
+
+    def __init__(
+        self, budget: MemoryBudget | None = None, *, cap_bytes: int | None = None
+    ) -> None:
+        self.budget = budget
+        self.cap_bytes = cap_bytes
+        self.lock = threading.RLock()
+        self._data: OrderedDict[tuple[Any, ...], _Shard] = OrderedDict()
+        self._n_bytes = 0
+        self.evictions = 0
+        if budget is not None:
+            budget.register(self.NAME, self)
+
+    # -- budget consumer ---------
+    @property
+    def held_bytes(self) -> int:
+        return self._n_bytes
+
+    def shrink_to(self, n_bytes: int) -> int:
+        """Drop unchanged shards, least recently used first, until at most
+        ``n_bytes`` are held (changed ones are left to their owners)."""
+        freed = 0
+        with self.lock:
+            for key in [k for k, s in self._data.items() if not s.dirty]:
+                if self._n_bytes <= n_bytes:
+                    break
+                freed += self._pop(key).nbytes
+        return freed
+
+    @property
+    def limit_bytes(self) -> int:
+        """Bytes the cache may hold now."""
+        room = self.budget.room_for(self.NAME) if self.budget is not None else None
+        if room is None:
+            return self.cap_bytes if self.cap_bytes is not None else 1 << 62
+        return room if self.cap_bytes is None else min(room, self.cap_bytes)
+
+    # -- entries ---------
+    def get(self, key: tuple[Any, ...], labels: Collection[Label]) -> _Shard | None:
+        with self.lock:
+            entry = self._data.get(key)
+            if entry is None:
+                return None
+            if entry.label not in labels:
+                self._pop(key)
+                return None
+            self._data.move_to_end(key)
+            return entry
+
+    def put(self, key: tuple[Any, ...], entry: _Shard) -> None:
+        with self.lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._n_bytes -= old.nbytes
+            self._data[key] = entry
+            self._n_bytes += entry.nbytes
+
+    def keep(self, key: tuple[Any, ...], entry: _Shard) -> None:
+        """Make sure ``entry`` (just changed by its owner) is held: the budget
+        may have dropped it while it was clean."""
+        with self.lock:
+            if self._data.get(key) is not entry:
+                self.put(key, entry)
+
+    def pop(self, key: tuple[Any, ...]) -> _Shard | None:
+        with self.lock:
+            return self._pop(key) if key in self._data else None
+
+    def _pop(self, key: tuple[Any, ...]) -> _Shard:
+        entry = self._data.pop(key)
+        self._n_bytes -= entry.nbytes
+        self.evictions += 1
+        if self.budget is not None:
+            self.budget.note_eviction(entry.nbytes)
+        return entry
+
+    def keys_of(self, prefix: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Keys starting with ``prefix``, least recently used first."""
+        n = len(prefix)
+        with self.lock:
+            return [k for k in self._data if k[:n] == prefix]
+
+    def drop_stale(self, prefix: tuple[Any, ...], labels: Collection[Label]) -> None:
+        """Drop the entries under ``prefix`` whose label is not in ``labels``."""
+        with self.lock:
+            for key in self.keys_of(prefix):
+                if self._data[key].label not in labels:
+                    self._pop(key)
+
+    def clear(self) -> None:
+        with self.lock:
+            self._data.clear()
+            self._n_bytes = 0
+
+
+_CACHES: dict[int, ShardCache] = {}
+_CACHES_LOCK = threading.Lock()
+
+
+def worker_shard_cache() -> ShardCache:
+    """The shard cache of the worker running the current task (one per
+    process outside a worker), on that worker's memory budget."""
+    budget = worker_budget()
+    with _CACHES_LOCK:
+        cache = _CACHES.get(id(budget))
+        if cache is None or cache.budget is not budget:
+            cache = _CACHES[id(budget)] = ShardCache(budget)
+        return cache
+
+
+@dataclass
+class ShardServer:
+    """One rank's view of the shards it owns during one segment attempt.
+
+    Parameters
+    ----------
+    cache:
+        The worker's :class:`ShardCache`.
+    store:
+        The parameter store.
+    layouts:
+        The tables, by name.
+    base_step:
+        The version the segment starts from.
+    stage:
+        This attempt's stage version (prepared by the client).
+    token:
+        The fit's token: shards cached by another fit are never used.
+    labels:
+        Versions whose cached values equal ``base_step``'s (see the module
+        docs).
+    """
+
+    cache: ShardCache
+    store: ParamStoreRef
+    layouts: Mapping[str, TableLayout]
+    base_step: int
+    stage: int
+    token: str
+    labels: frozenset[int]
+    #: shards this attempt wrote to the stage, by table
+    written: dict[str, set[int]] = field(default_factory=dict)
+    traffic: ShardTraffic = field(default_factory=ShardTraffic)
+    _mine: dict[tuple[Any, ...], None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prefix = (self.store.url, self.store.options_id)
+        self.valid = {(self.token, v) for v in {*self.labels, self.stage}}
+        self.staged = (self.token, self.stage)
+        self.cache.drop_stale(self.prefix, self.valid)
+
+    def key(self, table: str, shard: int) -> tuple[Any, ...]:
+        return (*self.prefix, table, int(shard))
+
+    # -- rows ---------
+    def rows(self, table: str, ids: np.ndarray) -> np.ndarray:
+        """Values of sorted unique rows ``ids`` of ``table`` (all owned)."""
+        layout = self.layouts[table]
+        out = np.empty((ids.shape[0], layout.width), dtype=layout.dtype)
+        for shard, a, b in _by_shard(layout, ids):
+            start, _ = layout.bounds(shard)
+            out[a:b] = self._entry(table, shard).arrays[PARAM][ids[a:b] - start]
+        self.traffic.rows_served += int(ids.shape[0])
+        return out
+
+    def update(
+        self,
+        table: str,
+        ids: np.ndarray,
+        grad: np.ndarray,
+        optimizer: Optimizer,
+        global_state: Mapping[str, np.ndarray],
+    ) -> None:
+        """Apply the optimizer to sorted unique rows ``ids`` of ``table``
+        (gradient ``grad``, float64)."""
+        layout = self.layouts[table]
+        for shard, a, b in _by_shard(layout, ids):
+            start, _ = layout.bounds(shard)
+            entry = self._entry(table, shard)
+            update_rows(
+                layout,
+                entry.arrays,
+                ids[a:b] - start,
+                grad[a:b],
+                optimizer,
+                global_state,
+                shard=shard,
+            )
+            entry.dirty = True
+            entry.label = self.staged
+            self.cache.keep(self.key(table, shard), entry)
+        self.traffic.rows_updated += int(ids.shape[0])
+
+    # -- memory ---------
+    def make_room(self, n_bytes: int) -> None:
+        """Evict this rank's least recently used shards (writing
+        changed ones to the stage) until ``n_bytes`` more fit the budget."""
+        cache = self.cache
+        limit = cache.limit_bytes
+        if cache.held_bytes + n_bytes <= limit:
+            return
+        # Others' unchanged shards go first (free), then this rank's own.
+        cache.shrink_to(max(0, limit - n_bytes))
+        for key in cache.keys_of(self.prefix):
+            if cache.held_bytes + n_bytes <= limit:
+                break
+            if key not in self._mine:
+                continue
+            entry = cache.pop(key)
+            self._mine.pop(key, None)
+            if entry is not None and entry.dirty:
+                self._write(key[-2], key[-1], entry)
+            self.traffic.evictions += 1
+
+    def flush(self) -> dict[str, list[int]]:
+        """Write every changed shard of this rank to the stage; returns the
+        shards written in this attempt, by table."""
+        for key in list(self._mine):
+            entry = self.cache.get(key, self.valid)
+            if entry is None:
+                continue
+            if entry.dirty:
+                self._write(key[-2], key[-1], entry)
+                entry.dirty = False
+            # Every shard this rank holds now has the stage's values.
+            entry.label = self.staged
+        return {t: sorted(s) for t, s in self.written.items()}
+
+    def discard(self) -> None:
+        """Drop the shards this attempt changed (an aborted segment)."""
+        for key in list(self._mine):
+            entry = self.cache.get(key, self.valid)
+            if entry is not None and entry.label == self.staged:
+                self.cache.pop(key)
+        self._mine.clear()
+
+    # -- internals ---------
+    def _entry(self, table: str, shard: int) -> _Shard:
+        key = self.key(table, shard)
+        entry = self.cache.get(key, self.valid)
+        if entry is not None:
+            self.traffic.hits += 1
+            self._mine[key] = None
+            return entry
+        self.traffic.misses += 1
+        layout = self.layouts[table]
+        nbytes = layout.shard_nbytes
+        self.make_room(nbytes)
+        from_stage = shard in self.written.get(table, ())
+        step = self.stage if from_stage else self.base_step
+        arrays = {
+            a: np.array(read_shard(self.store, step, layout, a, shard), copy=True)
+            for a in layout.arrays
+        }
+        got = sum(int(v.nbytes) for v in arrays.values())
+        self.traffic.bytes_read += got
+        self.traffic.shards_read += 1
+        entry = _Shard(arrays, (self.token, step), got)
+        self.cache.put(key, entry)
+        self._mine[key] = None
+        return entry
+
+    def _write(self, table: str, shard: int, entry: _Shard) -> None:
+        layout = self.layouts[table]
+        for a in layout.arrays:
+            self.traffic.bytes_written += write_shard(
+                self.store, self.stage, layout, a, shard, entry.arrays[a]
+            )
+        self.traffic.shards_written += 1
+        self.written.setdefault(table, set()).add(int(shard))
+
+
+def _by_shard(layout: TableLayout, ids: np.ndarray) -> Iterable[tuple[int, int, int]]:
+    """``(shard, a, b)``: sorted ``ids[a:b]`` lie in ``shard``."""
+    if ids.shape[0] == 0:
+        return []
+    shards = layout.shard_of(ids)
+    cuts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1], True])
+    return [(int(shards[a]), int(a), int(b)) for a, b in itertools.pairwise(cuts)]
