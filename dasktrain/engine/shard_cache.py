@@ -33,9 +33,11 @@ from the store once per run as long as its budget holds the tables.
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +50,7 @@ from dasktrain.params.tables import (
     PARAM,
     ParamStoreRef,
     TableLayout,
+    chunk_key,
     read_shard,
     write_shard,
 )
@@ -304,6 +307,7 @@ class ShardServer:
 
     def __post_init__(self) -> None:
         self.prefix = (self.store.url, self.store.options_id)
+        self.root = self.store.local_root
         self.valid = {(self.token, v) for v in {*self.labels, self.stage}}
         self.staged = (self.token, self.stage)
         self.cache.drop_stale(self.prefix, self.valid)
@@ -318,7 +322,12 @@ class ShardServer:
         out = np.empty((ids.shape[0], layout.width), dtype=layout.dtype)
         for shard, a, b in _by_shard(layout, ids):
             start, _ = layout.bounds(shard)
-            out[a:b] = self._entry(table, shard).arrays[PARAM][ids[a:b] - start]
+            local = ids[a:b] - start
+            entry = self._entry(table, shard)
+            if entry is not None:
+                out[a:b] = entry.arrays[PARAM][local]
+            else:
+                out[a:b] = self._cold_read(table, shard, local, [PARAM])[PARAM]
         self.traffic.rows_served += int(ids.shape[0])
         return out
 
@@ -335,11 +344,27 @@ class ShardServer:
         layout = self.layouts[table]
         for shard, a, b in _by_shard(layout, ids):
             start, _ = layout.bounds(shard)
+            local = ids[a:b] - start
             entry = self._entry(table, shard)
+            if entry is None:
+                # A shard the budget has no room for: its rows are read and
+                # written in place in the stage's file.
+                rows = self._cold_read(table, shard, local, layout.arrays)
+                update_rows(
+                    layout,
+                    rows,
+                    np.arange(local.shape[0]),
+                    grad[a:b],
+                    optimizer,
+                    global_state,
+                    shard=shard,
+                )
+                self._cold_write(table, shard, local, rows)
+                continue
             update_rows(
                 layout,
                 entry.arrays,
-                ids[a:b] - start,
+                local,
                 grad[a:b],
                 optimizer,
                 global_state,
@@ -394,7 +419,9 @@ class ShardServer:
         self._mine.clear()
 
     # -- internals ---------
-    def _entry(self, table: str, shard: int) -> _Shard:
+    def _entry(self, table: str, shard: int) -> _Shard | None:
+        """The cached shard, loaded if there is room; ``None``: a shard of a
+        local store that does not fit, whose rows are used in its file."""
         key = self.key(table, shard)
         entry = self.cache.get(key, self.valid)
         if entry is not None:
@@ -404,11 +431,18 @@ class ShardServer:
         self.traffic.misses += 1
         layout = self.layouts[table]
         nbytes = layout.shard_nbytes
-        self.make_room(nbytes)
+        if self.root is not None:
+            if self.cache.held_bytes + nbytes > self.cache.limit_bytes:
+                return None
+        else:
+            # An object store: whole shards only (least recently used out).
+            self.make_room(nbytes)
         from_stage = shard in self.written.get(table, ())
         step = self.stage if from_stage else self.base_step
         arrays = {
-            a: np.array(read_shard(self.store, step, layout, a, shard), copy=True)
+            a: np.require(
+                read_shard(self.store, step, layout, a, shard), requirements="W"
+            )
             for a in layout.arrays
         }
         got = sum(int(v.nbytes) for v in arrays.values())
@@ -418,6 +452,80 @@ class ShardServer:
         self.cache.put(key, entry)
         self._mine[key] = None
         return entry
+
+    # -- rows in files (local stores) ---------
+    def _path(self, step: int, table: str, array: str, shard: int) -> str:
+        assert self.root is not None
+        return os.path.join(self.root, chunk_key(step, table, array, shard))
+
+    def _cold_read(
+        self, table: str, shard: int, local: np.ndarray, arrays: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """Rows ``local`` of a shard's ``arrays``, read from its file (the
+        stage's if this attempt wrote it, else the start version's; the fill
+        value where there is none)."""
+        layout = self.layouts[table]
+        step = self.stage if shard in self.written.get(table, ()) else self.base_step
+        out = {}
+        for a in arrays:
+            dtype = np.dtype(layout.array_dtype(a))
+            try:
+                fd = os.open(self._path(step, table, a, shard), os.O_RDONLY)
+            except FileNotFoundError:
+                out[a] = np.full(
+                    (local.shape[0], layout.width), layout.fill_value(a), dtype
+                )
+                continue
+            try:
+                out[a] = _read_rows(fd, local, layout.width, dtype, layout.shard_rows)
+            finally:
+                os.close(fd)
+            self.traffic.bytes_read += int(out[a].nbytes)
+        return out
+
+    def _cold_write(
+        self,
+        table: str,
+        shard: int,
+        local: np.ndarray,
+        values: Mapping[str, np.ndarray],
+    ) -> None:
+        """Write rows ``local`` of a shard into the stage's files (made from
+        the start version's first)."""
+        layout = self.layouts[table]
+        done = self.written.setdefault(table, set())
+        if shard not in done:
+            for a in layout.arrays:
+                src = self._path(self.base_step, table, a, shard)
+                dst = self._path(self.stage, table, a, shard)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                try:
+                    shutil.copyfile(src, dst)
+                except FileNotFoundError:
+                    dtype = layout.array_dtype(a)
+                    fill = np.full(
+                        (layout.shard_rows, layout.width), layout.fill_value(a), dtype
+                    )
+                    fill.tofile(dst)
+                self.traffic.bytes_written += (
+                    layout.shard_rows
+                    * layout.width
+                    * np.dtype(layout.array_dtype(a)).itemsize
+                )
+            done.add(int(shard))
+            self.traffic.shards_written += 1
+        for a, v in values.items():
+            fd = os.open(self._path(self.stage, table, a, shard), os.O_RDWR)
+            try:
+                _write_rows(
+                    fd,
+                    local,
+                    np.ascontiguousarray(v, dtype=layout.array_dtype(a)),
+                    layout.shard_rows,
+                )
+            finally:
+                os.close(fd)
+            self.traffic.bytes_written += int(v.nbytes)
 
     def _write(self, table: str, shard: int, entry: _Shard) -> None:
         layout = self.layouts[table]
@@ -436,3 +544,54 @@ def _by_shard(layout: TableLayout, ids: np.ndarray) -> Iterable[tuple[int, int, 
     shards = layout.shard_of(ids)
     cuts = np.flatnonzero(np.r_[True, shards[1:] != shards[:-1], True])
     return [(int(shards[a]), int(a), int(b)) for a, b in itertools.pairwise(cuts)]
+
+
+#: A shard's rows are read or written one run of neighbouring rows at a
+#: time, unless more than ``1 / WHOLE_SHARD_SHARE`` of them are: then its
+#: whole file at once.
+WHOLE_SHARD_SHARE = 32
+
+
+def _runs(local: np.ndarray) -> list[tuple[int, int]]:
+    """``(i, j)``: ``local[i:j]`` are consecutive row numbers."""
+    breaks = np.flatnonzero(np.diff(local) != 1) + 1
+    bounds = [0, *breaks.tolist(), int(local.shape[0])]
+    return list(itertools.pairwise(bounds))
+
+
+def _read_rows(
+    fd: int, local: np.ndarray, width: int, dtype: np.dtype[Any], shard_rows: int
+) -> np.ndarray:
+    """Rows ``local`` (sorted, unique) of a shard file of ``shard_rows`` rows."""
+    n = int(local.shape[0])
+    out = np.empty((n, width), dtype)
+    row_bytes = width * dtype.itemsize
+    if n * WHOLE_SHARD_SHARE > shard_rows:
+        whole = np.empty((shard_rows, width), dtype)
+        got = os.preadv(fd, [whole.data.cast("B")], 0)
+        if got != whole.nbytes:
+            raise OSError(f"shard file is {got} bytes, expected {whole.nbytes}")
+        out[:] = whole[local]
+        return out
+    for i, j in _runs(local):
+        view = out[i:j].data.cast("B")
+        got = os.preadv(fd, [view], int(local[i]) * row_bytes)
+        if got != (j - i) * row_bytes:
+            raise OSError(f"shard file ends before row {int(local[j - 1])}")
+    return out
+
+
+def _write_rows(
+    fd: int, local: np.ndarray, values: np.ndarray, shard_rows: int
+) -> None:
+    """Write ``values`` into rows ``local`` of a shard file."""
+    n = int(local.shape[0])
+    row_bytes = values.shape[1] * values.dtype.itemsize
+    if n * WHOLE_SHARD_SHARE > shard_rows:
+        whole = np.empty((shard_rows, values.shape[1]), values.dtype)
+        os.preadv(fd, [whole.data.cast("B")], 0)
+        whole[local] = values
+        os.pwrite(fd, whole.data.cast("B"), 0)
+        return
+    for i, j in _runs(local):
+        os.pwrite(fd, values[i:j].data.cast("B"), int(local[i]) * row_bytes)
