@@ -398,29 +398,37 @@ def _one_hot(
 # -- blocks of rows: scan and write -------------------------------------------
 
 
-def _scan_block(block: Mapping[str, np.ndarray]) -> tuple[int, int, _Bad | None]:
-    """Rows of a block, rows without a non-finite value, and the first bad
-    value (local row, field, column, kind)."""
+def _finite_rows(block: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Which rows of a block hold only finite values (in its float fields)."""
     n = len(next(iter(block.values())))
     ok = np.ones(n, dtype=bool)
-    first: _Bad | None = None
+    for values in block.values():
+        if values.dtype.kind in "fc":
+            ok &= np.isfinite(values).reshape(n, -1).all(axis=1)
+    return ok
+
+
+def _scan_block(block: Mapping[str, np.ndarray]) -> tuple[int, int, _Bad | None]:
+    """Rows of a block, rows without a non-finite value, and the first bad
+    value (local row, field, column, kind): the first field, in block order,
+    with a bad value in the first row that has one, and its first column."""
+    ok = _finite_rows(block)
+    n, n_kept = len(ok), int(ok.sum())
+    if n_kept == n:
+        return n, n_kept, None
+    row = int(np.argmin(ok))
     for name, values in block.items():
         if values.dtype.kind not in "fc":
             continue
-        finite = np.isfinite(values).reshape(n, -1)
-        rows_ok = finite.all(axis=1)
-        if not rows_ok.all():
-            row = int(np.argmin(rows_ok))
-            col = int(np.argmin(finite[row]))
+        cells = values.reshape(n, -1)[row]
+        finite = np.isfinite(cells)
+        if not finite.all():
+            col = int(np.argmin(finite))
             kind = (
-                "NaN (a missing value)"
-                if np.isnan(values.reshape(n, -1)[row, col])
-                else "an infinite value"
+                "NaN (a missing value)" if np.isnan(cells[col]) else "an infinite value"
             )
-            if first is None or row < first[0]:
-                first = (row, name, col, kind)
-            ok &= rows_ok
-    return n, int(ok.sum()), first
+            return n, n_kept, (row, name, col, kind)
+    raise AssertionError(f"row {row} is not finite, yet no field has a bad value")
 
 
 def _select_rows(
@@ -430,11 +438,7 @@ def _select_rows(
     values are finite in every field of the block."""
     values = np.asarray(block[field])
     if drop:
-        n = len(values)
-        ok = np.ones(n, dtype=bool)
-        for other in block.values():
-            if other.dtype.kind in "fc":
-                ok &= np.isfinite(other).reshape(n, -1).all(axis=1)
+        ok = _finite_rows(block)
         if not ok.all():
             values = values[ok]
     return values.astype(dtype, copy=False)
