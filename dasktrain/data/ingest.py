@@ -367,15 +367,24 @@ def _label_column(frame: pd.DataFrame, name: str) -> np.ndarray:
     return values
 
 
+def _category_codes(
+    series: pd.Series, cats: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(isna, codes)``: which values are missing, and the index of each
+    value in ``cats`` (-1 if absent)."""
+    import pandas as pd
+
+    isna = series.isna().to_numpy()
+    codes = pd.Index(list(cats)).get_indexer(series.astype(str).to_numpy(dtype=object))
+    return isna, codes
+
+
 def _category_index(
     series: pd.Series, cats: tuple[str, ...], *, include_nan: bool
 ) -> np.ndarray:
     """Index of each value in ``cats`` (-1 if absent); with ``include_nan``,
     float64 with NaN for missing values."""
-    import pandas as pd
-
-    isna = series.isna().to_numpy()
-    codes = pd.Index(list(cats)).get_indexer(series.astype(str).to_numpy(dtype=object))
+    isna, codes = _category_codes(series, cats)
     if not include_nan:
         return np.where(isna, -1, codes).astype(np.int64)
     return np.where(isna, np.nan, codes.astype(np.float64))
@@ -384,10 +393,7 @@ def _category_index(
 def _one_hot(
     series: pd.Series, cats: tuple[str, ...], dtype: np.dtype[Any]
 ) -> np.ndarray:
-    import pandas as pd
-
-    isna = series.isna().to_numpy()
-    codes = pd.Index(list(cats)).get_indexer(series.astype(str).to_numpy(dtype=object))
+    isna, codes = _category_codes(series, cats)
     out = np.zeros((len(series), len(cats)), dtype=dtype)
     rows = np.flatnonzero(codes >= 0)
     out[rows, codes[rows]] = 1
