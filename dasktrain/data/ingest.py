@@ -776,11 +776,7 @@ def from_xarray(
     parts = [rows_of(v) for v in variables]
     parts = [p if p.ndim == 2 else p[:, None] for p in parts]
     columns_x = [
-        v
-        for v in variables
-        for _ in range(
-            math.prod(int(data[v].sizes[d]) for d in data[v].dims if d not in dims)
-        )
+        v for v, p in zip(variables, parts, strict=True) for _ in range(int(p.shape[1]))
     ]
     X = da.concatenate([p.astype(x_dtype) for p in parts], axis=1)
     arrays: dict[str, da.Array] = {"X": X}
