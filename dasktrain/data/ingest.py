@@ -367,15 +367,24 @@ def _label_column(frame: pd.DataFrame, name: str) -> np.ndarray:
     return values
 
 
+def _category_codes(
+    series: pd.Series, cats: tuple[str, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(isna, codes)``: which values are missing, and the index of each
+    value in ``cats`` (-1 if absent)."""
+    import pandas as pd
+
+    isna = series.isna().to_numpy()
+    codes = pd.Index(list(cats)).get_indexer(series.astype(str).to_numpy(dtype=object))
+    return isna, codes
+
+
 def _category_index(
     series: pd.Series, cats: tuple[str, ...], *, include_nan: bool
 ) -> np.ndarray:
     """Index of each value in ``cats`` (-1 if absent); with ``include_nan``,
     float64 with NaN for missing values."""
-    import pandas as pd
-
-    isna = series.isna().to_numpy()
-    codes = pd.Index(list(cats)).get_indexer(series.astype(str).to_numpy(dtype=object))
+    isna, codes = _category_codes(series, cats)
     if not include_nan:
         return np.where(isna, -1, codes).astype(np.int64)
     return np.where(isna, np.nan, codes.astype(np.float64))
@@ -384,10 +393,7 @@ def _category_index(
 def _one_hot(
     series: pd.Series, cats: tuple[str, ...], dtype: np.dtype[Any]
 ) -> np.ndarray:
-    import pandas as pd
-
-    isna = series.isna().to_numpy()
-    codes = pd.Index(list(cats)).get_indexer(series.astype(str).to_numpy(dtype=object))
+    isna, codes = _category_codes(series, cats)
     out = np.zeros((len(series), len(cats)), dtype=dtype)
     rows = np.flatnonzero(codes >= 0)
     out[rows, codes[rows]] = 1
@@ -398,29 +404,37 @@ def _one_hot(
 # -- blocks of rows: scan and write -------------------------------------------
 
 
-def _scan_block(block: Mapping[str, np.ndarray]) -> tuple[int, int, _Bad | None]:
-    """Rows of a block, rows without a non-finite value, and the first bad
-    value (local row, field, column, kind)."""
+def _finite_rows(block: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Which rows of a block hold only finite values (in its float fields)."""
     n = len(next(iter(block.values())))
     ok = np.ones(n, dtype=bool)
-    first: _Bad | None = None
+    for values in block.values():
+        if values.dtype.kind in "fc":
+            ok &= np.isfinite(values).reshape(n, -1).all(axis=1)
+    return ok
+
+
+def _scan_block(block: Mapping[str, np.ndarray]) -> tuple[int, int, _Bad | None]:
+    """Rows of a block, rows without a non-finite value, and the first bad
+    value (local row, field, column, kind): the first field, in block order,
+    with a bad value in the first row that has one, and its first column."""
+    ok = _finite_rows(block)
+    n, n_kept = len(ok), int(ok.sum())
+    if n_kept == n:
+        return n, n_kept, None
+    row = int(np.argmin(ok))
     for name, values in block.items():
         if values.dtype.kind not in "fc":
             continue
-        finite = np.isfinite(values).reshape(n, -1)
-        rows_ok = finite.all(axis=1)
-        if not rows_ok.all():
-            row = int(np.argmin(rows_ok))
-            col = int(np.argmin(finite[row]))
+        cells = values.reshape(n, -1)[row]
+        finite = np.isfinite(cells)
+        if not finite.all():
+            col = int(np.argmin(finite))
             kind = (
-                "NaN (a missing value)"
-                if np.isnan(values.reshape(n, -1)[row, col])
-                else "an infinite value"
+                "NaN (a missing value)" if np.isnan(cells[col]) else "an infinite value"
             )
-            if first is None or row < first[0]:
-                first = (row, name, col, kind)
-            ok &= rows_ok
-    return n, int(ok.sum()), first
+            return n, n_kept, (row, name, col, kind)
+    raise AssertionError(f"row {row} is not finite, yet no field has a bad value")
 
 
 def _select_rows(
@@ -430,35 +444,48 @@ def _select_rows(
     values are finite in every field of the block."""
     values = np.asarray(block[field])
     if drop:
-        n = len(values)
-        ok = np.ones(n, dtype=bool)
-        for other in block.values():
-            if other.dtype.kind in "fc":
-                ok &= np.isfinite(other).reshape(n, -1).all(axis=1)
+        ok = _finite_rows(block)
         if not ok.all():
             values = values[ok]
     return values.astype(dtype, copy=False)
 
 
-def _write_blocks(
-    url: str,
-    blocks: Sequence[Any],
-    *,
-    fields: Mapping[str, FieldInfo],
-    columns: Mapping[str, Sequence[str]],
+@dataclass(frozen=True)
+class _Destination:
+    """Where and how a copy is written: checked before any task runs."""
+
+    url: str
+    chunk_rows: int
+    codec: str
+    overwrite: bool
+    storage_options: dict[str, Any]
+
+
+def _prepare_destination(
+    store: str | os.PathLike[str],
     chunk_rows: int,
     codec: str,
     overwrite: bool,
-    nan: str,
-    provenance: dict[str, Any],
-    storage_options: dict[str, Any],
-) -> Dataset:
-    """Scan then write delayed blocks of rows (dicts of field -> array) as a
-    dataset store, in tasks on the current Dask scheduler."""
-    import dask
-    import dask.array as da
+    storage_options: Mapping[str, Any] | None,
+) -> _Destination:
+    url = normalize_url(store)
+    check_chunk_rows(chunk_rows)
+    check_codec(codec)
+    options = check_storage_options(storage_options)
+    if store_exists(url, options) and not overwrite:
+        from dasktrain.data.io import existing_store_message
 
-    from dasktrain.data.dataset import Dataset
+        raise StoreError(existing_store_message(url, options))
+    return _Destination(url, chunk_rows, codec, overwrite, options)
+
+
+def _scan_blocks(
+    blocks: Sequence[Any], columns: Mapping[str, Sequence[str]], nan: str
+) -> tuple[int, list[int]]:
+    """The scan pass: the rows of the source, and the rows each block keeps
+    (all of them with ``nan="raise"``, which stops at the first bad value,
+    naming its column and global row)."""
+    import dask
 
     if not blocks:
         raise DataValidationError("the source has no rows")
@@ -477,21 +504,41 @@ def _write_blocks(
             )
         start += n
     kept = [k if nan == "drop" else n for n, k, _ in scanned]
-    n_rows = sum(kept)
-    if n_rows < 1:
+    if sum(kept) < 1:
         raise DataValidationError(
             f"no rows left: every one of the {start} rows has a missing or "
             f"non-finite value"
         )
+    return start, kept
+
+
+def _write_blocks(
+    dest: _Destination,
+    blocks: Sequence[Any],
+    *,
+    fields: Mapping[str, FieldInfo],
+    columns: Mapping[str, Sequence[str]],
+    nan: str,
+    provenance: dict[str, Any],
+) -> Dataset:
+    """Scan then write delayed blocks of rows (dicts of field -> array) as a
+    dataset store, in tasks on the current Dask scheduler."""
+    import dask
+    import dask.array as da
+
+    from dasktrain.data.dataset import Dataset
+
+    n_source_rows, kept = _scan_blocks(blocks, columns, nan)
+    n_rows = sum(kept)
     ref = create_store(
-        url,
+        dest.url,
         fields=fields,
         n_rows=n_rows,
-        chunk_rows=chunk_rows,
-        codec=codec,
-        overwrite=overwrite,
+        chunk_rows=dest.chunk_rows,
+        codec=dest.codec,
+        overwrite=dest.overwrite,
         provenance=provenance,
-        storage_options=storage_options,
+        storage_options=dest.storage_options,
     )
     writes: list[Any] = []
     for name, info in fields.items():
@@ -507,7 +554,7 @@ def _write_blocks(
         ]
         column = da.concatenate(parts).astype(info.dtype)
         aligned = column.rechunk(
-            {0: chunk_rows, **{a: -1 for a in range(1, column.ndim)}}
+            {0: dest.chunk_rows, **{a: -1 for a in range(1, column.ndim)}}
         )
         writes.extend(
             dask.delayed(write_chunk, pure=False)(ref, name, chunk_id, chunk)
@@ -515,27 +562,11 @@ def _write_blocks(
         )
     # Sync point: every chunk is computed and written by the scheduler.
     dask.compute(*writes)
-    finalize_store(url, provenance=provenance, storage_options=storage_options)
-    logger.info("wrote %d rows (%d dropped) to %s", n_rows, start - n_rows, url)
-    return Dataset.open(url, storage_options=storage_options)
-
-
-def _prepare_destination(
-    store: str | os.PathLike[str],
-    chunk_rows: int,
-    codec: str,
-    overwrite: bool,
-    storage_options: Mapping[str, Any] | None,
-) -> tuple[str, dict[str, Any]]:
-    url = normalize_url(store)
-    check_chunk_rows(chunk_rows)
-    check_codec(codec)
-    options = check_storage_options(storage_options)
-    if store_exists(url, options) and not overwrite:
-        from dasktrain.data.io import existing_store_message
-
-        raise StoreError(existing_store_message(url, options))
-    return url, options
+    options = dest.storage_options
+    finalize_store(dest.url, provenance=provenance, storage_options=options)
+    n_dropped = n_source_rows - n_rows
+    logger.info("wrote %d rows (%d dropped) to %s", n_rows, n_dropped, dest.url)
+    return Dataset.open(dest.url, storage_options=options)
 
 
 # -- Parquet ------------------------------------------------------------------
@@ -591,13 +622,10 @@ def from_parquet(
     nan = _check_nan(nan)
     x_dtype = _x_dtype(dtype)
     source = os.fspath(url)
-    out_url, options = _prepare_destination(
-        store, chunk_rows, codec, overwrite, storage_options
-    )
-    read_options = check_storage_options(storage_options)
+    dest = _prepare_destination(store, chunk_rows, codec, overwrite, storage_options)
     try:
         # Reads the schema and footers only, on the client.
-        table = dd.read_parquet(source, storage_options=read_options or None)
+        table = dd.read_parquet(source, storage_options=dest.storage_options or None)
     except FileNotFoundError as exc:
         raise StoreNotFoundError(f"no Parquet data at {source!r}: {exc}") from exc
     except Exception as exc:
@@ -666,16 +694,12 @@ def from_parquet(
         "nan": nan,
     }
     return _write_blocks(
-        out_url,
+        dest,
         blocks,
         fields=fields,
         columns=spec.columns(),
-        chunk_rows=chunk_rows,
-        codec=codec,
-        overwrite=overwrite,
         nan=nan,
         provenance=provenance,
-        storage_options=options,
     )
 
 
@@ -718,9 +742,7 @@ def from_xarray(
     x_dtype = _x_dtype(dtype)
     if not hasattr(data, "data_vars") or not hasattr(data, "dims"):
         raise TypeError(f"data must be an xarray.Dataset, got {type(data).__name__}")
-    out_url, options = _prepare_destination(
-        store, chunk_rows, codec, overwrite, storage_options
-    )
+    dest = _prepare_destination(store, chunk_rows, codec, overwrite, storage_options)
     names = [*variables, *labels]
     missing = [v for v in names if v not in data.variables]
     if missing:
@@ -754,11 +776,7 @@ def from_xarray(
     parts = [rows_of(v) for v in variables]
     parts = [p if p.ndim == 2 else p[:, None] for p in parts]
     columns_x = [
-        v
-        for v in variables
-        for _ in range(
-            math.prod(int(data[v].sizes[d]) for d in data[v].dims if d not in dims)
-        )
+        v for v, p in zip(variables, parts, strict=True) for _ in range(int(p.shape[1]))
     ]
     X = da.concatenate([p.astype(x_dtype) for p in parts], axis=1)
     arrays: dict[str, da.Array] = {"X": X}
@@ -784,16 +802,7 @@ def from_xarray(
         "nan": nan,
     }
     return _write_blocks(
-        out_url,
-        blocks,
-        fields=fields,
-        columns=columns,
-        chunk_rows=chunk_rows,
-        codec=codec,
-        overwrite=overwrite,
-        nan=nan,
-        provenance=provenance,
-        storage_options=options,
+        dest, blocks, fields=fields, columns=columns, nan=nan, provenance=provenance
     )
 
 
@@ -1044,10 +1053,8 @@ def _rechunk_copy(
 ) -> Dataset:
     import dask.array as da
 
-    out_url, options = _prepare_destination(
-        store, chunk_rows, codec, overwrite, storage_options
-    )
-    if out_url == url:
+    dest = _prepare_destination(store, chunk_rows, codec, overwrite, storage_options)
+    if dest.url == url:
         raise StoreError(f"store= must differ from the source store {url!r}")
     arrays: dict[str, da.Array] = {}
     columns: dict[str, list[str]] = {}
@@ -1080,14 +1087,10 @@ def _rechunk_copy(
         "nan": nan,
     }
     return _write_blocks(
-        out_url,
+        dest,
         _row_blocks(arrays),
         fields=described,
         columns=columns,
-        chunk_rows=chunk_rows,
-        codec=codec,
-        overwrite=overwrite,
         nan=nan,
         provenance=provenance,
-        storage_options=options,
     )

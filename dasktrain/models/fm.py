@@ -19,6 +19,7 @@ from dasktrain.models.linear import (
     nonnegative_float,
 )
 from dasktrain.models.sparse import (
+    IdProblem,
     SparseModel,
     TableSpec,
     _check_dtype,
@@ -26,6 +27,8 @@ from dasktrain.models.sparse import (
     binary_outputs,
     check_regularization,
     finite_float,
+    id_out_of_range,
+    id_rows_problem,
     segment_sum,
     table_penalty,
 )
@@ -287,41 +290,21 @@ class FactorizationMachine(SparseModel):
             return {"v": ids + offsets}
         return {"v": ids}
 
-    def check_ids(self, batch: Batch) -> tuple[str, int, str] | None:
+    def check_ids(self, batch: Batch) -> IdProblem | None:
+        problem = id_rows_problem(batch, "", self.use_values)
+        if problem is not None or self.hashed:
+            return problem
         ids = np.asarray(batch["ids"])
-        if ids.dtype.kind not in "iu":
-            return "ids", 0, f"ids must be integers, got dtype {ids.dtype}"
-        if ids.ndim != 2:
-            return "ids", 0, f"ids must be 2-d (rows, f), got shape {ids.shape}"
-        if self.use_values and "values" in batch:
-            values = np.asarray(batch["values"])
-            if values.shape != ids.shape:
-                problem = f"values must have the shape {ids.shape} of ids"
-                return "values", 0, f"{problem}, got {values.shape}"
-        if self.hashed:
-            return None
-        if self.field_sizes is not None:
-            if ids.shape[1] != len(self.field_sizes):
-                return (
-                    "ids",
-                    0,
-                    f"rows have {ids.shape[1]} ids, field_sizes names "
-                    f"{len(self.field_sizes)} fields",
-                )
-            limits = np.asarray(self.field_sizes, dtype=np.int64)
-        else:
-            limits = np.full(ids.shape[1], self.n_ids, dtype=np.int64)
-        bad = (ids < 0) | (ids >= limits)
-        if not bad.any():
-            return None
-        row = int(np.flatnonzero(bad.any(axis=1))[0])
-        col = int(np.flatnonzero(bad[row])[0])
-        where = "" if self.field_sizes is None else f" of field {col}"
-        return (
-            "ids",
-            row,
-            f"id {int(ids[row, col])}{where} is not in [0, {int(limits[col])})",
-        )
+        if self.field_sizes is None:
+            return id_out_of_range(ids, self.n_ids, "ids", "")
+        if ids.shape[1] != len(self.field_sizes):
+            return (
+                "ids",
+                0,
+                f"rows have {ids.shape[1]} ids, field_sizes names "
+                f"{len(self.field_sizes)} fields",
+            )
+        return id_out_of_range(ids, self.field_sizes, "ids", "")
 
     # -- maths ---------------------------------------------------------------
     def _forward(

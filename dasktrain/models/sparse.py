@@ -31,7 +31,7 @@ Pure NumPy: no dask, no zarr.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -67,6 +67,13 @@ _TABLE_DTYPES = ("float32", "float64")
 
 #: How table rows are penalized (see the module documentation).
 REGULARIZATIONS = ("row", "occurrence")
+
+#: ``(field, row, message)``: the first bad id of a batch (see
+#: :meth:`SparseModel.check_ids`).
+IdProblem = tuple[str, int, str]
+
+#: How the messages of :func:`id_array_problem` name a layout of ids.
+_ID_LAYOUTS = {1: "1-d", 2: "2-d (rows, f)"}
 
 
 @dataclass(frozen=True)
@@ -218,7 +225,7 @@ class SparseModel(Model):
         """For each table, the table row used by each batch entry (int64,
         shape ``(n,)`` or ``(n, f)``), all within ``[0, n_rows)``."""
 
-    def check_ids(self, batch: Batch) -> tuple[str, int, str] | None:
+    def check_ids(self, batch: Batch) -> IdProblem | None:
         """First id of ``batch`` outside its table: ``(field, row, message)``."""
         return None
 
@@ -320,20 +327,58 @@ class SparseModel(Model):
         return (partial.loss_sum + partial.metrics.get("penalty", 0.0)) / n
 
 
-def _ids_in_range(
-    ids: np.ndarray, n: int, field: str, what: str, ndim: int = 1
-) -> tuple[str, int, str] | None:
+def _ids_noun(what: str, noun: str) -> str:
+    return f"{what} {noun}" if what else noun
+
+
+def id_array_problem(
+    ids: np.ndarray, field: str, what: str, ndim: int
+) -> IdProblem | None:
+    """``ids`` are integers with ``ndim`` dimensions (1: one id per row, 2:
+    ``(rows, f)``), else the problem, reported at row 0.  ``what`` qualifies
+    the ids in the message (``"user"``: "user ids must be ...")."""
+    noun = _ids_noun(what, "ids")
     if ids.dtype.kind not in "iu":
-        return field, 0, f"{what} ids must be integers, got dtype {ids.dtype}"
+        return field, 0, f"{noun} must be integers, got dtype {ids.dtype}"
     if ids.ndim != ndim:
-        return field, 0, f"{what} ids must be {ndim}-d, got shape {ids.shape}"
-    bad = (ids < 0) | (ids >= n)
+        return field, 0, f"{noun} must be {_ID_LAYOUTS[ndim]}, got shape {ids.shape}"
+    return None
+
+
+def id_rows_problem(batch: Batch, what: str, use_values: bool) -> IdProblem | None:
+    """``batch["ids"]`` is a 2-d integer array ``(rows, f)`` and, with
+    ``use_values``, ``batch["values"]`` (when present) has its shape."""
+    ids = np.asarray(batch["ids"])
+    problem = id_array_problem(ids, "ids", what, 2)
+    if problem is not None or not use_values or "values" not in batch:
+        return problem
+    values = np.asarray(batch["values"])
+    if values.shape != ids.shape:
+        expected = f"values must have the shape {ids.shape} of ids"
+        return "values", 0, f"{expected}, got {values.shape}"
+    return None
+
+
+def id_out_of_range(
+    ids: np.ndarray, limits: int | Sequence[int], field: str, what: str
+) -> IdProblem | None:
+    """The first id of integer ``ids`` (``(rows,)`` or ``(rows, f)``) outside
+    ``[0, limit)``: the first row holding one, and in it the first column.
+    ``limits`` is one bound for all ids, or one per column, and then the
+    message names the column ("id 3 of field 1 is not in [0, 3)")."""
+    upper = np.asarray(limits, dtype=np.int64)
+    bad = (ids < 0) | (ids >= upper)
     if not bad.any():
         return None
-    flat = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))
-    row = int(flat[0])
-    value = ids[row] if ids.ndim == 1 else ids[row][bad[row]][0]
-    return field, row, f"{what} id {int(value)} is not in [0, {n})"
+    row = int(np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0])
+    col = int(np.flatnonzero(bad[row].reshape(-1))[0])
+    value = int(ids[row].reshape(-1)[col])
+    if upper.ndim:
+        limit, where = int(upper[col]), f" of field {col}"
+    else:
+        limit, where = int(upper), ""
+    noun = _ids_noun(what, "id")
+    return field, row, f"{noun} {value}{where} is not in [0, {limit})"
 
 
 @register
@@ -459,10 +504,15 @@ class MatrixFactorization(SparseModel):
             "item": np.asarray(batch["item"], dtype=np.int64),
         }
 
-    def check_ids(self, batch: Batch) -> tuple[str, int, str] | None:
-        return _ids_in_range(
-            np.asarray(batch["user"]), self.n_users, "user", "user"
-        ) or _ids_in_range(np.asarray(batch["item"]), self.n_items, "item", "item")
+    def check_ids(self, batch: Batch) -> IdProblem | None:
+        for field, n_rows in (("user", self.n_users), ("item", self.n_items)):
+            ids = np.asarray(batch[field])
+            problem = id_array_problem(ids, field, field, 1) or id_out_of_range(
+                ids, n_rows, field, field
+            )
+            if problem is not None:
+                return problem
+        return None
 
     def _scores(
         self,
@@ -638,20 +688,10 @@ class SparseLogisticRegression(SparseModel):
     def row_ids(self, batch: Batch) -> dict[str, np.ndarray]:
         return {"w": np.mod(np.asarray(batch["ids"], dtype=np.int64), self.n_buckets)}
 
-    def check_ids(self, batch: Batch) -> tuple[str, int, str] | None:
+    def check_ids(self, batch: Batch) -> IdProblem | None:
         """Ids are hashed (any integer is valid), but must be integers with
         one row of ``f`` ids per batch entry (and ``values`` alike)."""
-        ids = np.asarray(batch["ids"])
-        if ids.dtype.kind not in "iu":
-            return "ids", 0, f"feature ids must be integers, got dtype {ids.dtype}"
-        if ids.ndim != 2:
-            return "ids", 0, f"feature ids must be 2-d (rows, f), got shape {ids.shape}"
-        if self.use_values and "values" in batch:
-            values = np.asarray(batch["values"])
-            if values.shape != ids.shape:
-                problem = f"values must have the shape {ids.shape} of ids"
-                return "values", 0, f"{problem}, got {values.shape}"
-        return None
+        return id_rows_problem(batch, "feature", self.use_values)
 
     def _decision(
         self,

@@ -522,6 +522,86 @@ def test_slr_accepts_any_int64_id_and_checks_labels() -> None:
     assert problem is not None and problem[0] == 2
 
 
+MF = MatrixFactorization(N_USERS, N_ITEMS, RANK)
+SLR_VALUES = SparseLogisticRegression(N_BUCKETS, use_values=True)
+FM_VALUES = FactorizationMachine(5, RANK, use_values=True)
+FM_FIELDS = FactorizationMachine(5, RANK, field_sizes=(2, 3))
+
+
+@pytest.mark.parametrize(
+    ("model", "batch", "problem"),
+    [
+        (
+            MF,
+            {"user": np.array([0.0, 1.0]), "item": np.array([0, 1])},
+            ("user", 0, "user ids must be integers, got dtype float64"),
+        ),
+        (
+            MF,
+            {"user": np.array([0, 1]), "item": np.array([[0, 1]])},
+            ("item", 0, "item ids must be 1-d, got shape (1, 2)"),
+        ),
+        (
+            MF,
+            {"user": np.array([0, 1], dtype=np.uint64), "item": np.array([0, 9])},
+            ("item", 1, f"item id 9 is not in [0, {N_ITEMS})"),
+        ),
+        (
+            SLR_VALUES,
+            {"ids": np.array([1.0, 2.0])},
+            ("ids", 0, "feature ids must be integers, got dtype float64"),
+        ),
+        (
+            SLR_VALUES,
+            {"ids": np.array([1, 2])},
+            ("ids", 0, "feature ids must be 2-d (rows, f), got shape (2,)"),
+        ),
+        (
+            SLR_VALUES,
+            {"ids": np.array([[1, 2]]), "values": np.array([[1.0]])},
+            ("values", 0, "values must have the shape (1, 2) of ids, got (1, 1)"),
+        ),
+        (
+            FM_VALUES,
+            {"ids": np.array([[0.0, 1.0]])},
+            ("ids", 0, "ids must be integers, got dtype float64"),
+        ),
+        (
+            FM_VALUES,
+            {"ids": np.array([0, 1])},
+            ("ids", 0, "ids must be 2-d (rows, f), got shape (2,)"),
+        ),
+        (
+            FM_VALUES,
+            {"ids": np.array([[0, 9]]), "values": np.ones((1, 3))},
+            ("values", 0, "values must have the shape (1, 2) of ids, got (1, 3)"),
+        ),
+        (
+            FM_VALUES,
+            {"ids": np.array([[0, 1], [4, 5]]), "values": np.ones((2, 2))},
+            ("ids", 1, "id 5 is not in [0, 5)"),
+        ),
+        (
+            FM_FIELDS,
+            {"ids": np.array([[2**63 + 1, 0]], dtype=np.uint64)},
+            ("ids", 0, f"id {2**63 + 1} of field 0 is not in [0, 2)"),
+        ),
+        (
+            FM_FIELDS,
+            {"ids": np.array([[0, 1], [-1, 3]])},
+            ("ids", 1, "id -1 of field 0 is not in [0, 2)"),
+        ),
+    ],
+)
+def test_id_checks_name_field_row_and_problem(
+    model: SparseModel, batch: dict[str, np.ndarray], problem: tuple[str, int, str]
+) -> None:
+    """The id checks the three models share: dtype, layout, the shape of
+    ``values``, then the range (per field with ``field_sizes``), the first bad
+    row and in it the first bad column."""
+    assert model.check_ids(batch) == problem
+
+
 # ---------------------------------------------------------------------------
 # table initialization
 # ---------------------------------------------------------------------------
