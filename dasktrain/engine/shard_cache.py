@@ -8,26 +8,31 @@ shards live in the worker's :class:`ShardCache`, one per worker process,
 which draws from the worker's
 :class:`~dasktrain.engine.budget.MemoryBudget` (consumer ``"shards"``):
 
-* a shard is loaded from the store when first used: from the segment's
-  *stage* (see below) if the segment wrote it there, else from the version
-  the segment started from;
-* when the shards a rank needs do not fit, its least recently used shards
-  are evicted; a changed (*dirty*) shard is written to the stage first, so
-  nothing is lost and memory never grows with the table size or id order;
-* at the segment's end every dirty shard is written to the stage, which the
-  client turns into the next committed version (unchanged shards are shared
-  with the previous one).
+* a shard is loaded from the store when first used and there is room: from
+  the segment's *stage* (see below) if the segment wrote it there, else from
+  the version the segment started from;
+* a shard of a local store that does not fit is not loaded: its rows are
+  read, and updated in place, in its file (the stage's copy once the segment
+  changes it), row by row or the whole file at once when a step touches many
+  of its rows.  On an object store, whose files cannot be updated in place,
+  the least recently used shards are evicted instead (a changed one written
+  to the stage first).  Either way nothing is lost and memory never grows
+  with the table size or the id order;
+* at the segment's end every changed shard in memory is written to the
+  stage, which the client turns into the next committed version (unchanged
+  shards are shared with the previous one).
 
 The *stage* is an uncommitted version directory unique to one attempt of a
 segment (:func:`stage_step`): an aborted attempt's writes are never seen by
 its rerun, nor by any reader.
 
-Each cached shard carries a *label*: the version its values belong to.  A
-shard the segment changed is labelled with the segment's stage; the next
-segment, whose start version is the one that stage became, keeps shards
-labelled with that stage or with the previous start version, and drops all
-others (e.g. those of an aborted attempt).  So a worker reads each shard
-from the store once per run as long as its budget holds the tables.
+Each cached shard carries a *label*: the fit that loaded it and the version
+its values belong to.  At a segment's end every shard a rank holds is
+labelled with the segment's stage; the next segment, whose start version is
+the one that stage became, keeps shards labelled with that stage or with its
+start version, and drops all others (those of an aborted attempt, of another
+fit).  So a worker reads each shard from the store once per fit as long as
+its budget holds the tables.
 """
 
 from __future__ import annotations
@@ -249,6 +254,15 @@ class ShardCache:
                 if self._data[key].label not in labels:
                     self._pop(key)
 
+    def relabel(
+        self, prefix: tuple[Any, ...], labels: Collection[Label], label: Label
+    ) -> None:
+        """Give the entries under ``prefix`` labelled in ``labels`` ``label``."""
+        with self.lock:
+            for key in self.keys_of(prefix):
+                if self._data[key].label in labels:
+                    self._data[key].label = label
+
     def clear(self) -> None:
         with self.lock:
             self._data.clear()
@@ -406,8 +420,9 @@ class ShardServer:
             if entry.dirty:
                 self._write(key[-2], key[-1], entry)
                 entry.dirty = False
-            # Every shard this rank holds now has the stage's values.
-            entry.label = self.staged
+        # Every valid shard the worker holds now has the stage's values
+        # (those of earlier segments too).
+        self.cache.relabel(self.prefix, self.valid, self.staged)
         return {t: sorted(s) for t, s in self.written.items()}
 
     def discard(self) -> None:

@@ -419,9 +419,10 @@ class _TableProgram:
                 self.misses - misses0,
                 *_traffic_delta(traffic0, self.server.traffic),
             ]
+            dense_wire = [] if error else _encode(dense_nodes)
             for dst in channel.peers:
                 payload = {
-                    "dense": [] if error else _encode(dense_nodes),
+                    "dense": dense_wire,
                     "sparse": [] if error else self._sparse_for(dst, sparse_nodes),
                     "req": None if next_mine is None else next_mine[dst],
                     "end": bool(end),

@@ -745,6 +745,41 @@ def test_killed_workers_during_sharded_training(
     settle(client, 2)
 
 
+def test_frozen_worker_during_sharded_training(
+    tmp_path: Path,
+    make_client: Callable[..., Client],
+    ratings: dt.Dataset,
+    mf_reference: tuple[Path, dt.History],
+) -> None:
+    """A worker SIGSTOPped while its rank serves table shards: its peers give
+    up on it after the peer timeout, the segment's stage is discarded and the
+    segment runs again from the committed version; the tables end with the
+    reference's bits."""
+    reference, expected = mf_reference
+    client = make_client(2)
+    steps = MF_EPOCHS * (N_ROWS // BATCH_ROWS)
+    faults = plan_faults(106, ["freeze"], 4, steps - GATE_LAG)
+    with dask.config.set({"dasktrain.ranks.peer-timeout": FREEZE_PEER_TIMEOUT}):
+        trainer, history, injector = fit_under_faults(
+            client,
+            faults,
+            tmp_path / "run.zarr",
+            ratings,
+            MF_EPOCHS,
+            make_trainer=mf_trainer,
+        )
+    assert len(injector.frozen) == 1
+    assert losses(history) == losses(expected)
+    assert_same_params(
+        table_values(tmp_path / "run.zarr"), table_values(reference), "frozen"
+    )
+    assert trainer._segments is not None
+    reruns = trainer._segments.reruns
+    assert reruns and all("did not answer" in m for m in reruns), reruns
+    time.sleep(THAW_SECONDS)
+    settle(client, 2)
+
+
 def test_worker_joins_mid_fit(
     tmp_path: Path,
     make_client: Callable[..., Client],

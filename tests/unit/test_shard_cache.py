@@ -1,0 +1,131 @@
+"""The shard server of a rank: rows and updates from cached shards or, when
+the budget has no room, in place in the stage's files; the same bits either
+way.  Real parameter stores under ``tmp_path``, no cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dasktrain as dt
+from dasktrain.engine.shard_cache import (
+    ShardCache,
+    ShardServer,
+    _read_rows,
+    _write_rows,
+    is_stage,
+    stage_step,
+)
+from dasktrain.engine.sharded import table_layouts
+from dasktrain.params import ParamStore
+from dasktrain.params.tables import PARAM, ParamStoreRef, chunk_key, write_shard
+
+N_ROWS, WIDTH, SHARD_ROWS = 1000, 3, 128  # 8 shards, the last one partial
+
+
+@pytest.mark.parametrize("n", [1, 5, 40])  # runs of rows, then the whole file
+def test_rows_read_and_written_in_a_shard_file(tmp_path: Path, n: int) -> None:
+    rng = np.random.default_rng(n)
+    whole = rng.normal(size=(SHARD_ROWS, WIDTH)).astype(np.float32)
+    path = tmp_path / "shard"
+    whole.tofile(path)
+    local = np.sort(rng.choice(SHARD_ROWS, n, replace=False))
+    local[: n // 2] = np.arange(n // 2) + 7  # a run of neighbours
+    local = np.unique(local)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        got = _read_rows(fd, local, WIDTH, np.dtype(np.float32), SHARD_ROWS)
+        np.testing.assert_array_equal(got, whole[local])
+        new = rng.normal(size=(local.shape[0], WIDTH)).astype(np.float32)
+        _write_rows(fd, local, new, SHARD_ROWS)
+    finally:
+        os.close(fd)
+    whole[local] = new
+    np.testing.assert_array_equal(
+        np.fromfile(path, np.float32).reshape(-1, WIDTH), whole
+    )
+
+
+def _store(path: Path) -> tuple[ParamStore, list[dt.params.tables.TableLayout]]:
+    model = dt.models.MatrixFactorization(N_ROWS, 10, WIDTH - 1, dtype="float32")
+    opt = dt.optim.Adagrad(0.5, initial_accumulator=0.1)
+    dense = model.init_dense(np.random.default_rng(0))
+    layouts, global_keys = table_layouts(model, opt, dense, shard_rows=SHARD_ROWS)
+    assert global_keys  # the step count, which the rows' update needs
+    ps = ParamStore.create(path)
+    ps.lock()
+    ps.prepare_version(1, layouts)
+    rng = np.random.default_rng(1)
+    for layout in layouts:
+        for shard in range(layout.n_shards - 1):  # the last shard never written
+            a, b = layout.bounds(shard)
+            values = rng.normal(size=(b - a, layout.width)).astype(np.float32)
+            write_shard(ps.ref, 1, layout, PARAM, shard, values)
+    return ps, layouts
+
+
+def _serve(
+    ps: ParamStore, layouts: list, stage: int, cap: int, steps: int
+) -> tuple[list[np.ndarray], dict[str, list[int]], ShardServer]:
+    ps.prepare_version(stage, layouts)
+    server = ShardServer(
+        ShardCache(cap_bytes=cap),
+        ParamStoreRef.from_user(ps.path),
+        {t.name: t for t in layouts},
+        1,
+        stage,
+        "fit",
+        frozenset({1}),
+    )
+    opt = dt.optim.Adagrad(0.5, initial_accumulator=0.1)
+    dense = dt.models.MatrixFactorization(N_ROWS, 10, WIDTH - 1).init_dense(
+        np.random.default_rng(0)
+    )
+    gstate = {
+        k: v
+        for k, v in opt.init(dense).items()
+        if not any(k.endswith("." + name) for name in dense)
+    }
+    rng = np.random.default_rng(2)
+    served = []
+    for _ in range(steps):
+        ids = np.unique(rng.integers(0, N_ROWS, 300))  # every shard, the last too
+        served.append(server.rows("user", ids))
+        grad = rng.normal(size=(ids.shape[0], WIDTH))
+        server.update("user", ids, grad, opt, gstate)
+    return served, server.flush(), server
+
+
+def test_cold_rows_give_the_bits_of_cached_shards(tmp_path: Path) -> None:
+    ps, layouts = _store(tmp_path / "run.zarr")
+    user = next(t for t in layouts if t.name == "user")
+    warm, warm_written, warm_server = _serve(ps, layouts, stage_step(5, 1), 1 << 30, 4)
+    cold, cold_written, cold_server = _serve(ps, layouts, stage_step(5, 2), 0, 4)
+    assert warm_server.traffic.hits > 0 and warm_server.cache.held_bytes > 0
+    assert cold_server.cache.held_bytes == 0  # nothing fit: all in the files
+    for a, b in zip(warm, cold, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert warm_written == cold_written == {"user": list(range(user.n_shards))}
+    # The stages hold the same bytes, the unwritten last shard included.
+    root = Path(ps.path)
+    for array in user.arrays:
+        for shard in range(user.n_shards):
+            key = chunk_key(stage_step(5, 1), "user", array, shard)
+            other = chunk_key(stage_step(5, 2), "user", array, shard)
+            assert (root / key).read_bytes() == (root / other).read_bytes(), key
+    assert is_stage(stage_step(5, 1)) and not is_stage(10**9)
+
+
+def test_a_tight_cache_evicts_and_rereads_from_the_stage(tmp_path: Path) -> None:
+    """Room for two shards: shards come and go (changed ones through the
+    stage's files) with the bits of an unbounded cache."""
+    ps, layouts = _store(tmp_path / "run.zarr")
+    user = next(t for t in layouts if t.name == "user")
+    warm, _, _ = _serve(ps, layouts, stage_step(6, 1), 1 << 30, 3)
+    tight, _, server = _serve(ps, layouts, stage_step(6, 2), 2 * user.shard_nbytes, 3)
+    assert server.cache.held_bytes <= 2 * user.shard_nbytes
+    for a, b in zip(warm, tight, strict=True):
+        np.testing.assert_array_equal(a, b)
