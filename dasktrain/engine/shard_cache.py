@@ -95,15 +95,17 @@ def update_rows(
     optimizer: Optimizer,
     global_state: Mapping[str, np.ndarray],
     *,
-    shard: int,
+    shard: int | np.ndarray,
 ) -> None:
     """Apply the optimizer to rows ``local`` (positions within the shard) of
     one shard's ``arrays`` (the parameters and the optimizer's state, in
     their stored dtypes), in place.  ``grad``: the rows' gradient (float64).
+    ``shard``: the shard, or each row's (rows of several shards gathered).
 
-    Rows a step does not touch keep their values and state (lazy updates).
-    Raises :class:`DivergenceError` if the update is not finite (nothing is
-    changed then)."""
+    Rows a step does not touch keep their values and state (lazy updates);
+    the update is elementwise, so gathering rows changes no bit.  Raises
+    :class:`DivergenceError` if the update is not finite (nothing is changed
+    then)."""
     name = layout.name
     params = {name: arrays[PARAM][local].astype(np.float64)}
     state = {key: arrays[key][local].astype(np.float64) for key in layout.state}
@@ -111,9 +113,12 @@ def update_rows(
     with np.errstate(over="ignore", invalid="ignore"):
         updates, new_state = optimizer.update({name: grad}, state, params)
         new_rows = params[name] + updates[name]
-    if not np.all(np.isfinite(new_rows)):
+    finite = np.isfinite(new_rows).all(axis=tuple(range(1, new_rows.ndim)))
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        where = int(shard[bad]) if isinstance(shard, np.ndarray) else int(shard)
         raise DivergenceError(
-            f"table {name!r}, shard {shard}: the update made parameters non-finite; "
+            f"table {name!r}, shard {where}: the update made parameters non-finite; "
             "lower the learning rate"
         )
     arrays[PARAM][local] = new_rows
@@ -356,6 +361,8 @@ class ShardServer:
         """Apply the optimizer to sorted unique rows ``ids`` of ``table``
         (gradient ``grad``, float64)."""
         layout = self.layouts[table]
+        # The rows of every shard, gathered: one update for all of them.
+        pieces = []
         for shard, a, b in _by_shard(layout, ids):
             start, _ = layout.bounds(shard)
             local = ids[a:b] - start
@@ -364,26 +371,30 @@ class ShardServer:
                 # A shard the budget has no room for: its rows are read and
                 # written in place in the stage's file.
                 rows = self._cold_read(table, shard, local, layout.arrays)
-                update_rows(
-                    layout,
-                    rows,
-                    np.arange(local.shape[0]),
-                    grad[a:b],
-                    optimizer,
-                    global_state,
-                    shard=shard,
-                )
-                self._cold_write(table, shard, local, rows)
+            else:
+                rows = {name: entry.arrays[name][local] for name in layout.arrays}
+            pieces.append((shard, a, b, local, entry, rows))
+        if not pieces:
+            return
+        gathered = {
+            name: np.concatenate([p[5][name] for p in pieces]) for name in layout.arrays
+        }
+        update_rows(
+            layout,
+            gathered,
+            np.arange(ids.shape[0]),
+            grad,
+            optimizer,
+            global_state,
+            shard=layout.shard_of(ids),
+        )
+        for shard, a, b, local, entry, _ in pieces:
+            new = {name: gathered[name][a:b] for name in layout.arrays}
+            if entry is None:
+                self._cold_write(table, shard, local, new)
                 continue
-            update_rows(
-                layout,
-                entry.arrays,
-                local,
-                grad[a:b],
-                optimizer,
-                global_state,
-                shard=shard,
-            )
+            for name, values in new.items():
+                entry.arrays[name][local] = values
             entry.dirty = True
             entry.label = self.staged
             self.cache.keep(self.key(table, shard), entry)

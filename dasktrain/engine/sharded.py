@@ -44,6 +44,7 @@ from dasktrain.engine.engine import (
     _raise_first_error,
 )
 from dasktrain.engine.plan import Piece, rendezvous_owners
+from dasktrain.engine.shard_cache import update_rows
 from dasktrain.engine.tasks import (
     LoadedChunk,
     TaskReport,
@@ -52,7 +53,7 @@ from dasktrain.engine.tasks import (
     leaf_partials,
     load_chunk,
 )
-from dasktrain.errors import DataValidationError, DivergenceError
+from dasktrain.errors import DataValidationError
 from dasktrain.models.sparse import SparseModel
 from dasktrain.optim.base import Optimizer
 from dasktrain.params.store import ParamStore
@@ -389,27 +390,22 @@ def _update_one_shard(
     optimizer: Optimizer,
     global_state: Mapping[str, np.ndarray],
 ) -> int:
-    name = layout.name
     values = read_shard(store, read_step, layout, PARAM, shard).copy()
     states = {
         key: read_shard(store, read_step, layout, key, shard).copy()
         for key in layout.state
     }
-    params = {name: values[local].astype(np.float64)}
-    state = {key: s[local].astype(np.float64) for key, s in states.items()}
-    state.update(global_state)
-    with np.errstate(over="ignore", invalid="ignore"):
-        updates, new_state = optimizer.update({name: grad}, state, params)
-        new_rows = params[name] + updates[name]
-    if not np.all(np.isfinite(new_rows)):
-        raise DivergenceError(
-            f"table {name!r}, shard {shard}: the update made parameters non-finite; "
-            "lower the learning rate"
-        )
-    values[local] = new_rows
+    update_rows(
+        layout,
+        {PARAM: values, **states},
+        local,
+        grad,
+        optimizer,
+        global_state,
+        shard=shard,
+    )
     nbytes = write_shard(store, write_step, layout, PARAM, shard, values)
     for key, s in states.items():
-        s[local] = new_state[key]
         nbytes += write_shard(store, write_step, layout, key, shard, s)
     return nbytes
 
