@@ -1384,9 +1384,11 @@ def test_lost_scheduler(
     assert outcome.error is not None, "the fit finished without its scheduler"
     assert after_kill < SCHEDULER_LOSS_BOUND
 
-    # Every step done is committed; the lock was released.
+    # Every step done is committed (the row of a segment's last step reaches
+    # the callbacks while its checkpoint is being written); the lock was
+    # released.
     ps = check_consistent(store)
-    assert kill_after <= ps.committed < steps
+    assert kill_after - 1 <= ps.committed < steps
     assert ps.meta["status"] == "running"
     assert ps.lock_holder() is None
 
