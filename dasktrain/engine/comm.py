@@ -549,10 +549,14 @@ class RankChannel:
                     )
                 else:
                     self._last_alive[src] = now
-            elif now - self._last_alive[src] > self.timeouts.peer_timeout:
+            elif (silent := time.monotonic() - self._last_alive[src]) >= (
+                self.timeouts.peer_timeout
+            ):
+                # Measured after the unanswered ping, which took its own
+                # time limit: a frozen peer is given up one ping sooner.
                 raise PeerLostError(
                     f"rank {src} at {address} did not answer for "
-                    f"{now - self._last_alive[src]:.0f} s in step {step} "
+                    f"{silent:.0f} s in step {step} "
                     f"(frozen or hung; dasktrain.ranks.peer-timeout is "
                     f"{self.timeouts.peer_timeout:g} s)",
                     peer=src,

@@ -41,6 +41,7 @@ from dasktrain.engine.budget import (
     worker_memory_report,
 )
 from dasktrain.engine.cache import DEFAULT_CACHE_FRACTION, CachePlugin
+from dasktrain.engine.comm import ChannelTimeouts
 from dasktrain.engine.plan import Piece, assign_pieces, chunk_owners
 from dasktrain.engine.tasks import (
     FAILED_LEAF_ATTRIBUTE,
@@ -85,6 +86,9 @@ STALL_CHECK_SECONDS = 2.0
 #: First time limit on fetching a finished pass's results (doubled while the
 #: tasks stay finished: then the fetch is slow, not lost).
 GATHER_TIMEOUT_SECONDS = 10.0
+#: Upper bound on how long a worker may take to answer a small query
+#: (memory reports, budget declarations) before it is left out.
+RUN_TIMEOUT_SECONDS = 10.0
 #: Pause before running such a pass again (times the attempt number), so the
 #: scheduler has noticed the death.
 LOST_WORKER_PAUSE_SECONDS = 0.5
@@ -238,9 +242,62 @@ class Engine:
     ) -> dict[str, dict[str, Any]]:
         """Each worker's memory budget (:func:`worker_memory_report`); paused
         workers answer too.  Sync point: one ``Client.run``."""
-        return self.client.run(
-            worker_memory_report, workers=None if workers is None else list(workers)
-        )
+        return self.run_bounded(worker_memory_report, workers=workers)
+
+    def run_bounded(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        workers: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """``Client.run(fn, *args)`` on each of ``workers`` (default: the
+        running workers), each bounded by ``timeout`` seconds (default: the
+        peer timeout, at most :data:`RUN_TIMEOUT_SECONDS`): a worker that
+        does not answer in time (frozen, or gone meanwhile) is left out of
+        the result and logged, instead of holding the fit until it answers.
+        Sync point: the calls run concurrently."""
+        client = self.client
+        if timeout is None:
+            timeout = min(
+                ChannelTimeouts.from_config().peer_timeout, RUN_TIMEOUT_SECONDS
+            )
+        if workers is None:
+            # Sync point: the worker list, asked directly (see workers()).
+            identity = client.sync(self._scheduler().identity, n_workers=-1)
+            addresses = list(identity.get("workers", {}))
+        else:
+            addresses = list(workers)
+
+        async def one(address: str) -> tuple[str, Any, BaseException | None]:
+            try:
+                answer = await asyncio.wait_for(
+                    client.run(fn, *args, workers=[address], asynchronous=True),
+                    timeout,
+                )
+            except Exception as exc:
+                return address, None, exc
+            if address not in answer:
+                return address, None, KeyError(address)
+            return address, answer[address], None
+
+        async def every() -> list[tuple[str, Any, BaseException | None]]:
+            return list(await asyncio.gather(*(one(a) for a in addresses)))
+
+        out: dict[str, Any] = {}
+        for address, answer, exc in client.sync(every):
+            if exc is None:
+                out[address] = answer
+            else:
+                logger.info(
+                    "worker %s did not answer %s within %.3g s (%s: %s); left out",
+                    address,
+                    getattr(fn, "__name__", fn),
+                    timeout,
+                    type(exc).__name__,
+                    exc,
+                )
+        return out
 
     def memory_summary(self) -> dict[str, float]:
         """The workers' budgets summed up for a history row: bytes the caches
@@ -263,7 +320,7 @@ class Engine:
     def check_memory(self, plan: MemoryPlan) -> None:
         """Refuse ``plan`` before any work if a worker cannot hold it
         (:func:`refuse_unfit_plan`), and size each worker's budget for it."""
-        self.client.run(_declare_plan, plan)  # sync point
+        self.run_bounded(_declare_plan, plan)  # sync point
         self.last_memory = self.memory_reports()
         refuse_unfit_plan(plan, self.last_memory)
 

@@ -558,14 +558,16 @@ class SegmentRunner:
         for r, (f, address) in enumerate(zip(futures, spec.addresses, strict=True)):
             if f.done() and not done_too:
                 continue
-            now = time.monotonic()
             if self._control(address, PING_OP) is not None:
                 answered[address] = time.monotonic()
-            elif now - answered[address] > spec.timeouts.peer_timeout:
+            elif (silent := time.monotonic() - answered[address]) >= (
+                spec.timeouts.peer_timeout
+            ):
+                # Measured after the unanswered ping (see comm._check_peers).
                 self._abort(spec, f"worker {address} froze", futures, frozen={address})
                 raise PeerLostError(
                     f"rank {r} at {address}: its worker did not answer the "
-                    f"client for {now - answered[address]:.0f} s "
+                    f"client for {silent:.0f} s "
                     f"(frozen or hung; dasktrain.ranks.peer-timeout is "
                     f"{spec.timeouts.peer_timeout:g} s)",
                     peer=r,

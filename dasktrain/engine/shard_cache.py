@@ -42,7 +42,7 @@ import os
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,12 +260,17 @@ class ShardCache:
                     self._pop(key)
 
     def relabel(
-        self, prefix: tuple[Any, ...], labels: Collection[Label], label: Label
+        self,
+        prefix: tuple[Any, ...],
+        labels: Collection[Label],
+        label: Label,
+        select: Callable[[tuple[Any, ...]], bool] | None = None,
     ) -> None:
-        """Give the entries under ``prefix`` labelled in ``labels`` ``label``."""
+        """Give the entries under ``prefix`` labelled in ``labels`` (and, if
+        given, for whose key ``select`` is true) ``label``."""
         with self.lock:
             for key in self.keys_of(prefix):
-                if self._data[key].label in labels:
+                if self._data[key].label in labels and (select is None or select(key)):
                     self._data[key].label = label
 
     def clear(self) -> None:
@@ -421,9 +426,18 @@ class ShardServer:
                 self._write(key[-2], key[-1], entry)
             self.traffic.evictions += 1
 
-    def flush(self) -> dict[str, list[int]]:
+    def flush(
+        self, owns: Callable[[str, int], bool] | None = None
+    ) -> dict[str, list[int]]:
         """Write every changed shard of this rank to the stage; returns the
-        shards written in this attempt, by table."""
+        shards written in this attempt, by table.
+
+        ``owns(table, shard)``: the shards this rank alone may change in the
+        segment.  The valid cached shards it owns take the stage's label:
+        their values are the stage's.  A cached shard owned by another rank
+        keeps its label (that rank may have changed it: the copy here is then
+        stale, and it is dropped when the next segment starts from the
+        stage).  ``None``: this rank owns every shard."""
         for key in list(self._mine):
             entry = self.cache.get(key, self.valid)
             if entry is None:
@@ -431,9 +445,8 @@ class ShardServer:
             if entry.dirty:
                 self._write(key[-2], key[-1], entry)
                 entry.dirty = False
-        # Every valid shard the worker holds now has the stage's values
-        # (those of earlier segments too).
-        self.cache.relabel(self.prefix, self.valid, self.staged)
+        select = None if owns is None else (lambda key: owns(key[-2], int(key[-1])))
+        self.cache.relabel(self.prefix, self.valid, self.staged, select)
         return {t: sorted(s) for t, s in self.written.items()}
 
     def discard(self) -> None:

@@ -270,6 +270,14 @@ class _TableProgram:
         for reader in self.readers.values():
             reader.close()
 
+    def owns(self, table: str, shard: int) -> bool:
+        """Whether this rank serves (and alone updates) ``shard`` of ``table``
+        in this segment."""
+        index = self.table_index.get(table)
+        if index is None:
+            return False
+        return int(owner_of(index, np.array([shard]), self.n_ranks)[0]) == self.rank
+
     # -- reading a step's rows ---------
     def read(self, step: int) -> dict[int, _Leaf]:
         """This rank's leaves of ``step``: their rows and the table rows they
@@ -515,7 +523,7 @@ class _TableProgram:
             leaves, mine = next_leaves, next_mine or {}
             asked = {src: p["req"] for src, p in got.items()}
             asked[self.rank] = mine[self.rank]
-        written = self.server.flush()
+        written = self.server.flush(self.owns)
         if rows_out is not None:
             held = n_done and spec.first_step + n_done == epoch_len and spec.hold_last
             rows_out.flush(len(rows_out.rows) - 1 if held else len(rows_out.rows))

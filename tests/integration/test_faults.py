@@ -120,7 +120,7 @@ STOP_TIMEOUT = 15.0
 #: ``FREEZE_PEER_TIMEOUT`` s (``dasktrain.ranks.peer-timeout``); it is
 #: SIGCONTed ``THAW_SECONDS`` after it was stopped.
 FREEZE_PEER_TIMEOUT = 3.0
-THAW_SECONDS = 8.0
+THAW_SECONDS = 12.0
 LOG_TAIL_CHARS = 3_000
 
 #: Faults injected in this module, by kind (printed at the end).
@@ -530,6 +530,8 @@ def fit_under_faults(
     *,
     bound: float = FIT_BOUND,
     make_trainer: Callable[..., dt.Trainer] | None = None,
+    batch_rows: int = BATCH_ROWS,
+    n_streams: int | None = None,
 ) -> tuple[dt.Trainer, dt.History, WorkerFaults]:
     """Fit with SGD while ``faults`` are injected; raise
     :class:`FitDidNotSurvive` if the fit raises or runs longer than
@@ -547,7 +549,8 @@ def fit_under_faults(
                 return trainer.fit(
                     data,
                     epochs=epochs,
-                    batch_rows=BATCH_ROWS,
+                    batch_rows=batch_rows,
+                    n_streams=n_streams,
                     callbacks=[injector.clock],
                     progress=False,
                 )
@@ -745,28 +748,54 @@ def test_killed_workers_during_sharded_training(
     settle(client, 2)
 
 
+#: The frozen-worker case of the parameter server: small minibatches, so that
+#: an epoch (a segment) lasts long enough for the freeze to land inside it,
+#: from two streams, so that each worker runs a rank that serves shards.
+FROZEN_MF_BATCH_ROWS, FROZEN_MF_EPOCHS, FROZEN_MF_STREAMS = 100, 2, 2
+
+
+@pytest.fixture(scope="module")
+def frozen_mf_reference(
+    tmp_path_factory: pytest.TempPathFactory, client: Client, ratings: dt.Dataset
+) -> tuple[Path, dt.History]:
+    path = tmp_path_factory.mktemp("reference") / "mf-small-batches.zarr"
+    history = mf_trainer(path, client).fit(
+        ratings,
+        epochs=FROZEN_MF_EPOCHS,
+        batch_rows=FROZEN_MF_BATCH_ROWS,
+        n_streams=FROZEN_MF_STREAMS,
+        progress=False,
+    )
+    return path, history
+
+
 def test_frozen_worker_during_sharded_training(
     tmp_path: Path,
     make_client: Callable[..., Client],
     ratings: dt.Dataset,
-    mf_reference: tuple[Path, dt.History],
+    frozen_mf_reference: tuple[Path, dt.History],
 ) -> None:
-    """A worker SIGSTOPped while its rank serves table shards: its peers give
-    up on it after the peer timeout, the segment's stage is discarded and the
-    segment runs again from the committed version; the tables end with the
-    reference's bits."""
-    reference, expected = mf_reference
+    """A worker SIGSTOPped while its rank serves table shards, in the middle
+    of a segment: its peer gives up on it after the peer timeout (or the
+    client does, whichever asks first), the segment's stage is discarded and
+    the segment runs again from the committed version; the tables end with
+    the reference's bits."""
+    reference, expected = frozen_mf_reference
     client = make_client(2)
-    steps = MF_EPOCHS * (N_ROWS // BATCH_ROWS)
-    faults = plan_faults(106, ["freeze"], 4, steps - GATE_LAG)
+    steps_per_epoch = N_ROWS // FROZEN_MF_BATCH_ROWS
+    # Early in the second epoch's segment: that segment has most of its
+    # steps still to run when the worker stops.
+    faults = [Fault("freeze", steps_per_epoch + 3, 0.0, 0.3)]
     with dask.config.set({"dasktrain.ranks.peer-timeout": FREEZE_PEER_TIMEOUT}):
         trainer, history, injector = fit_under_faults(
             client,
             faults,
             tmp_path / "run.zarr",
             ratings,
-            MF_EPOCHS,
+            FROZEN_MF_EPOCHS,
             make_trainer=mf_trainer,
+            batch_rows=FROZEN_MF_BATCH_ROWS,
+            n_streams=FROZEN_MF_STREAMS,
         )
     assert len(injector.frozen) == 1
     assert losses(history) == losses(expected)

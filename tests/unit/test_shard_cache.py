@@ -129,3 +129,43 @@ def test_a_tight_cache_evicts_and_rereads_from_the_stage(tmp_path: Path) -> None
     assert server.cache.held_bytes <= 2 * user.shard_nbytes
     for a, b in zip(warm, tight, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_only_owned_shards_take_the_stage_label(tmp_path: Path) -> None:
+    """A worker keeps shards from a segment in which its rank owned them; in
+    the next segment another rank owns (and changes) some of them.  At that
+    segment's end the worker's copies of the shards it does not own keep
+    their old label, so the segment after it rereads them instead of serving
+    stale rows; the shards it owns take the stage's label."""
+    ps, layouts = _store(tmp_path / "run.zarr")
+    by_name = {t.name: t for t in layouts}
+    ref = ParamStoreRef.from_user(ps.path)
+    user = by_name["user"]
+    cache = ShardCache(cap_bytes=1 << 30)
+    ids = np.arange(N_ROWS)
+    # Segment 1: this worker's rank serves every shard.
+    s1 = stage_step(4, 1)
+    ps.prepare_version(s1, layouts)
+    one = ShardServer(cache, ref, by_name, 1, s1, "fit", frozenset({1}))
+    one.rows("user", ids)
+    one.flush()
+    # Segment 2: two ranks; this worker's rank serves the even shards.
+    s2 = stage_step(8, 1)
+    ps.prepare_version(s2, layouts)
+    two = ShardServer(cache, ref, by_name, 1, s2, "fit", frozenset({s1}))
+    two.rows("user", ids[: user.shard_rows])  # shard 0
+    two.flush(lambda table, shard: shard % 2 == 0)
+    labels = {
+        shard: cache.get(two.key("user", shard), {("fit", s1), ("fit", s2)})
+        for shard in range(user.n_shards)
+    }
+    assert all(entry is not None for entry in labels.values())
+    for shard, entry in labels.items():
+        assert entry is not None
+        assert entry.label == ("fit", s2 if shard % 2 == 0 else s1), shard
+    # Segment 3 starts from segment 2's stage: the odd shards are reread.
+    three = ShardServer(
+        cache, ref, by_name, 1, stage_step(12, 1), "fit", frozenset({s2})
+    )
+    kept = {k[-1] for k in cache.keys_of(three.prefix) if k[-2] == "user"}
+    assert kept == set(range(0, user.n_shards, 2))
