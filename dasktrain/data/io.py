@@ -1185,6 +1185,92 @@ class _Handle:
     array_dir: str | None
     fs: Any
     marker: tuple[int, int, int] | None
+    #: how a chunk of a local store is decoded without zarr (None: by zarr)
+    lean: _LeanPlan | None = None
+
+
+@dataclass(frozen=True)
+class _LeanPlan:
+    """How to decode a stored chunk straight into its output: the layout
+    dasktrain writes (row chunks, little-endian bytes, then Blosc/lz4, zstd
+    or nothing, then a CRC-32C), read by hand."""
+
+    compressor: str  # "none", "blosc" or "zstd"
+    chunk_shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+
+
+def _lean_plan(array: zarr.Array) -> _LeanPlan | None:
+    """The lean decode of ``array``'s chunks, or ``None`` if its codecs are
+    not the ones dasktrain writes (zarr then decodes)."""
+    from zarr.codecs import BytesCodec
+
+    try:
+        meta = array.metadata
+        codecs = list(getattr(meta, "codecs", ()))
+        dtype = np.dtype(array.dtype)
+        chunk_shape = tuple(int(c) for c in array.chunks)
+    except Exception:
+        return None
+    if len(codecs) not in (2, 3) or dtype.kind not in _NUMERIC_KINDS + "?":
+        return None
+    first, *middle, last = codecs
+    if not isinstance(first, BytesCodec) or not isinstance(last, Crc32cCodec):
+        return None
+    endian = getattr(first.endian, "value", first.endian)
+    if dtype.itemsize > 1 and endian != "little":
+        return None
+    if not dtype.isnative:
+        return None
+    compressor = "none"
+    if middle:
+        (codec,) = middle
+        if isinstance(codec, BloscCodec):
+            compressor = "blosc"
+        elif isinstance(codec, ZstdCodec):
+            compressor = "zstd"
+        else:
+            return None
+    return _LeanPlan(compressor, chunk_shape, dtype)
+
+
+def _lean_decode(path: str, plan: _LeanPlan, n_rows: int) -> np.ndarray:
+    """Decode the chunk file ``path`` straight into the output array: the
+    stored bytes and the output are the only copies alive (zarr also keeps a
+    decoded buffer that it copies into its output), and one copy less is
+    made.  The output is an ordinary heap array, whose pages the allocator
+    reuses from read to read (a fresh memory map would cost page faults on
+    every read)."""
+    import google_crc32c
+    from numcodecs import blosc, zstd
+
+    with open(path, "rb", buffering=0) as f:
+        stored = f.read()
+    if len(stored) < 4:
+        raise ValueError(f"the stored chunk has {len(stored)} bytes")
+    body = np.frombuffer(stored, dtype=np.uint8)[:-4]
+    computed = int(google_crc32c.value(body))
+    expected = int.from_bytes(stored[-4:], "little")
+    if computed != expected:
+        raise ValueError(
+            f"stored and computed checksum do not match (stored {expected:#010x}, "
+            f"computed {computed:#010x})"
+        )
+    out = np.empty(plan.chunk_shape, dtype=plan.dtype)
+    if plan.compressor == "none":
+        if body.nbytes != out.nbytes:
+            raise ValueError(f"{body.nbytes} stored bytes, expected {out.nbytes}")
+        out.reshape(-1).view(np.uint8)[:] = body
+    elif plan.compressor == "blosc":
+        blosc.decompress(body, out)
+    else:
+        zstd.decompress(body, out)
+    # The last chunk of an array is stored padded to the chunk size.
+    return out if n_rows == out.shape[0] else out[:n_rows].copy()
 
 
 _HANDLES: OrderedDict[tuple[str, str, str], _Handle] = OrderedDict()
@@ -1233,7 +1319,7 @@ def _open_handle(ref: DatasetRef, field: str) -> _Handle:
     if _is_remote(ref.url):
         fs, fs_path = _fs(_join(ref.url, field), ref.storage_options)
         return _Handle(node, fs_path, fs, marker)
-    return _Handle(node, os.path.join(ref.url, field), None, marker)
+    return _Handle(node, os.path.join(ref.url, field), None, marker, _lean_plan(node))
 
 
 def _get_handle(ref: DatasetRef, field: str) -> _Handle:
@@ -1318,9 +1404,12 @@ def _read_stored_chunk(ref: DatasetRef, field: str, chunk_id: int) -> np.ndarray
     key = handle.array.metadata.encode_chunk_key(
         (int(chunk_id),) + (0,) * len(info.shape)
     )
+    lean = None
     if handle.fs is None:
         assert handle.array_dir is not None
-        present = os.path.isfile(os.path.join(handle.array_dir, *key.split("/")))
+        chunk_path = os.path.join(handle.array_dir, *key.split("/"))
+        present = os.path.isfile(chunk_path)
+        lean = handle.lean
     else:
         present = _remote_chunk_present(ref, field, chunk_id, handle, key)
     if not present:
@@ -1329,7 +1418,11 @@ def _read_stored_chunk(ref: DatasetRef, field: str, chunk_id: int) -> np.ndarray
             f"from dataset store {ref.url!r} (key {field}/{key})"
         )
     try:
-        data = handle.array[start:stop]
+        data: Any
+        if lean is not None and stop - start <= lean.chunk_shape[0]:
+            data = _lean_decode(chunk_path, lean, stop - start)
+        else:
+            data = handle.array[start:stop]
     except Exception as exc:
         raise StoreError(
             f"cannot decode chunk {chunk_id} (rows {start}-{stop}) of array "
