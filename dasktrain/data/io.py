@@ -41,9 +41,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import fsspec
+import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from numcodecs import blosc, zstd
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
 from dasktrain.errors import (
     DataValidationError,
@@ -1207,8 +1209,6 @@ class _LeanPlan:
 def _lean_plan(array: zarr.Array) -> _LeanPlan | None:
     """The lean decode of ``array``'s chunks, or ``None`` if its codecs are
     not the ones dasktrain writes (zarr then decodes)."""
-    from zarr.codecs import BytesCodec
-
     try:
         meta = array.metadata
         codecs = list(getattr(meta, "codecs", ()))
@@ -1245,9 +1245,6 @@ def _lean_decode(path: str, plan: _LeanPlan, n_rows: int) -> np.ndarray:
     made.  The output is an ordinary heap array, whose pages the allocator
     reuses from read to read (a fresh memory map would cost page faults on
     every read)."""
-    import google_crc32c
-    from numcodecs import blosc, zstd
-
     with open(path, "rb", buffering=0) as f:
         stored = f.read()
     if len(stored) < 4:

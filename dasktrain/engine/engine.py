@@ -241,7 +241,8 @@ class Engine:
         self, workers: Sequence[str] | None = None
     ) -> dict[str, dict[str, Any]]:
         """Each worker's memory budget (:func:`worker_memory_report`); paused
-        workers answer too.  Sync point: one ``Client.run``."""
+        workers answer too, frozen ones are left out (:meth:`run_bounded`).
+        Sync point."""
         return self.run_bounded(worker_memory_report, workers=workers)
 
     def run_bounded(
@@ -275,7 +276,9 @@ class Engine:
                     client.run(fn, *args, workers=[address], asynchronous=True),
                     timeout,
                 )
-            except Exception as exc:
+            except (TimeoutError, OSError, CommClosedError) as exc:
+                # Frozen, gone or unreachable: left out.  An error raised by
+                # ``fn`` itself is not caught: it is the caller's to see.
                 return address, None, exc
             if address not in answer:
                 return address, None, KeyError(address)

@@ -748,6 +748,38 @@ def test_killed_workers_during_sharded_training(
     settle(client, 2)
 
 
+def test_memory_reports_leave_a_frozen_worker_out(
+    make_client: Callable[..., Client],
+) -> None:
+    """The memory reports of epoch ends and fit starts: a SIGSTOPped worker
+    is left out after the peer timeout instead of holding the fit until it
+    is resumed; an error of the function asked is raised, not hidden."""
+    from dasktrain.engine.engine import Engine
+
+    client = make_client(2)
+    engine = Engine(client)
+    addresses = sorted(settle(client, 2).values())
+    pid = client.run(os.getpid, workers=[addresses[0]])[addresses[0]]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with dask.config.set({"dasktrain.ranks.peer-timeout": FREEZE_PEER_TIMEOUT}):
+            t0 = time.monotonic()
+            reports = engine.memory_reports()
+            waited = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert set(reports) == {addresses[1]}
+    assert reports[addresses[1]]["limit"] > 0
+    assert waited < FREEZE_PEER_TIMEOUT + THAW_SECONDS, waited  # not until resumed
+    assert set(engine.memory_reports()) == set(addresses)  # back once resumed
+
+    def fails() -> None:
+        raise ValueError("not a lost worker")
+
+    with pytest.raises(ValueError, match="not a lost worker"):
+        engine.run_bounded(fails)
+
+
 #: The frozen-worker case of the parameter server: small minibatches, so that
 #: an epoch (a segment) lasts long enough for the freeze to land inside it,
 #: from two streams, so that each worker runs a rank that serves shards.
