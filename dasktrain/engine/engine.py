@@ -276,9 +276,9 @@ class Engine:
                     client.run(fn, *args, workers=[address], asynchronous=True),
                     timeout,
                 )
-            except (TimeoutError, OSError, CommClosedError) as exc:
-                # Frozen, gone or unreachable: left out.  An error raised by
-                # ``fn`` itself is not caught: it is the caller's to see.
+            except Exception as exc:
+                # Frozen, gone or unreachable (or ``fn`` failed there): left
+                # out, and logged below.
                 return address, None, exc
             if address not in answer:
                 return address, None, KeyError(address)
@@ -292,7 +292,9 @@ class Engine:
             if exc is None:
                 out[address] = answer
             else:
-                logger.info(
+                lost = isinstance(exc, TimeoutError | OSError | CommClosedError)
+                logger.log(
+                    logging.INFO if lost else logging.WARNING,
                     "worker %s did not answer %s within %.3g s (%s: %s); left out",
                     address,
                     getattr(fn, "__name__", fn),

@@ -753,7 +753,7 @@ def test_memory_reports_leave_a_frozen_worker_out(
 ) -> None:
     """The memory reports of epoch ends and fit starts: a SIGSTOPped worker
     is left out after the peer timeout instead of holding the fit until it
-    is resumed; an error of the function asked is raised, not hidden."""
+    is resumed."""
     from dasktrain.engine.engine import Engine
 
     client = make_client(2)
@@ -772,12 +772,6 @@ def test_memory_reports_leave_a_frozen_worker_out(
     assert reports[addresses[1]]["limit"] > 0
     assert waited < FREEZE_PEER_TIMEOUT + THAW_SECONDS, waited  # not until resumed
     assert set(engine.memory_reports()) == set(addresses)  # back once resumed
-
-    def fails() -> None:
-        raise ValueError("not a lost worker")
-
-    with pytest.raises(ValueError, match="not a lost worker"):
-        engine.run_bounded(fails)
 
 
 #: The frozen-worker case of the parameter server: small minibatches, so that
