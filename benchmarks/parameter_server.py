@@ -92,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noise", type=float, default=0.5)
     parser.add_argument("--chunk-rows", type=int)
     parser.add_argument("--batch-rows", type=int)
+    parser.add_argument(
+        "--n-streams",
+        type=int,
+        help="streams of a step (default: the library's default for the batch)",
+    )
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--l2", type=float)
@@ -474,6 +479,7 @@ def movielens(args: argparse.Namespace) -> int:
                     train,
                     epochs=args.epochs,
                     batch_rows=args.batch_rows,
+                    n_streams=args.n_streams,
                     validation=val,
                     progress=False,
                 )

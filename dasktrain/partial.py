@@ -22,11 +22,14 @@ __all__ = [
     "RowSparse",
     "combine",
     "covering_nodes",
+    "id_positions",
     "node_span",
     "reduce_node",
+    "reduce_rows",
     "sum_by_index",
     "tree_depth",
     "tree_reduce",
+    "unique_ids",
     "weighted_mean",
     "weighted_sum",
 ]
@@ -63,9 +66,34 @@ class RowSparse:
     def __add__(self, other: RowSparse) -> RowSparse:
         if self.shape != other.shape:
             raise ValueError(f"RowSparse shapes differ: {self.shape} vs {other.shape}")
-        rows = np.concatenate([self.rows, other.rows])
-        values = np.concatenate([self.values, other.values])
-        return RowSparse.from_unsorted(rows, values, self.shape)
+        # A merge of two sorted row sets.  Each row's sum is formed as
+        # ``(0.0 + a) + b`` in float64, the same bits as ``from_unsorted`` of
+        # the concatenation (``np.bincount`` adds in input order from 0.0).
+        a, b = self.rows, other.rows
+        dtype = np.result_type(self.values, other.values)
+        va = np.asarray(self.values, dtype=np.float64)
+        vb = np.asarray(other.values, dtype=np.float64)
+        if a.shape == b.shape and np.array_equal(a, b):
+            out = (0.0 + va) + vb
+            union = a
+        else:
+            rows = np.concatenate([a, b])
+            rows.sort(kind="stable")  # two sorted runs: a linear merge
+            if rows.shape[0]:
+                first = np.empty(rows.shape[0], dtype=bool)
+                first[0] = True
+                np.not_equal(rows[1:], rows[:-1], out=first[1:])
+                union = rows[first]
+            else:
+                union = rows
+            out = np.zeros((union.shape[0], *va.shape[1:]), dtype=np.float64)
+            out[np.searchsorted(union, a)] += va
+            out[np.searchsorted(union, b)] += vb
+        return RowSparse(
+            union.astype(np.int64, copy=False),
+            out.astype(dtype, copy=False),
+            self.shape,
+        )
 
     def scaled(self, factor: float) -> RowSparse:
         return RowSparse(self.rows, self.values * factor, self.shape)
@@ -76,6 +104,42 @@ class RowSparse:
 
 
 Grad = np.ndarray | RowSparse
+
+
+#: Bounded ids are found by a mask of the table's rows, instead of a sort,
+#: when the table has at most this many rows per id looked at (plus
+#: :data:`_MASK_SLACK`): a mask costs a byte per table row, a sort
+#: ``log2(m)`` comparisons per id.
+_MASK_ROWS_PER_ID = 64
+_MASK_SLACK = 1 << 18
+#: Likewise, positions are looked up in a table of one index per row (8 bytes
+#: per table row) instead of by binary search.
+_LOOKUP_ROWS_PER_ID = 16
+_LOOKUP_SLACK = 1 << 16
+
+
+def unique_ids(ids: np.ndarray, n_rows: int) -> np.ndarray:
+    """``np.unique(ids)`` (sorted, unique, same dtype) for ids known to lie
+    in ``[0, n_rows)``: by a mask of the rows when the table is small
+    compared with the number of ids, an order of magnitude faster."""
+    ids = np.asarray(ids).reshape(-1)
+    if n_rows > _MASK_ROWS_PER_ID * ids.shape[0] + _MASK_SLACK:
+        return np.unique(ids)
+    mask = np.zeros(n_rows, dtype=bool)
+    mask[ids] = True
+    return np.flatnonzero(mask).astype(ids.dtype, copy=False)
+
+
+def id_positions(sorted_ids: np.ndarray, ids: np.ndarray, n_rows: int) -> np.ndarray:
+    """``np.searchsorted(sorted_ids, ids)`` when every id of ``ids`` is in
+    ``sorted_ids`` (sorted, unique, within ``[0, n_rows)``): by a lookup
+    table of the rows when the table is small compared with the ids."""
+    ids = np.asarray(ids)
+    if n_rows > _LOOKUP_ROWS_PER_ID * ids.size + _LOOKUP_SLACK:
+        return np.searchsorted(sorted_ids, ids)
+    where = np.empty(n_rows, dtype=np.intp)
+    where[sorted_ids] = np.arange(sorted_ids.shape[0], dtype=np.intp)
+    return where[ids]
 
 
 def sum_by_index(index: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
@@ -222,6 +286,79 @@ def reduce_node(node: Node, n_leaves: int, known: Mapping[Node, Partial]) -> Par
     return combine(
         reduce_node(left, n_leaves, known), reduce_node(right, n_leaves, known)
     )
+
+
+#: :func:`reduce_rows` adds on dense row arrays only while one holds at most
+#: this many bytes, and the table has at most :data:`_DENSE_ROWS_PER_ROW`
+#: rows per row the node's leaves hold.
+_DENSE_NODE_BYTES = 32 << 20
+_DENSE_ROWS_PER_ROW = 4
+
+
+def reduce_rows(
+    node: Node, n_leaves: int, known: Mapping[Node, RowSparse]
+) -> RowSparse:
+    """:func:`reduce_node` for one row-sparse gradient, with the same bits.
+
+    Merging sorted row sets costs a sort and a gather per addition; when the
+    rows the leaves touch cover a good part of the table, the additions are
+    made instead on dense ``(n_rows, width)`` arrays (absent rows hold
+    ``+0.0``) with a mask of the rows present.  Each row's value is then
+    ``(0.0 + left) + right``, exactly as :meth:`RowSparse.__add__` forms it
+    (``x + 0.0 == x`` for any ``x`` that is not ``-0.0``, and ``0.0 + left``
+    never is).  Float64 values only; others take :func:`reduce_node`.
+    """
+    if node in known:
+        return known[node]
+    span = node_span(node, n_leaves)
+    parts = [
+        g
+        for n, g in known.items()
+        if n[0] < node[0]
+        and node_span(n, n_leaves).start >= span.start
+        and node_span(n, n_leaves).stop <= span.stop
+    ]
+    if not parts:
+        raise KeyError(f"no known node under {node} of the reduction tree")
+    shape = parts[0].shape
+    n_rows = int(shape[0]) if shape else 0
+    width = math.prod(shape[1:])
+    held = sum(int(g.rows.shape[0]) for g in parts)
+    if (
+        any(g.values.dtype != np.float64 or g.shape != shape for g in parts)
+        or n_rows * width * 8 > _DENSE_NODE_BYTES
+        or n_rows > _DENSE_ROWS_PER_ROW * held
+    ):
+        wrapped = {n: Partial(0.0, {"g": g}, 0) for n, g in known.items()}
+        out = reduce_node(node, n_leaves, wrapped).grads["g"]
+        assert isinstance(out, RowSparse)
+        return out
+
+    def dense(at: Node) -> tuple[np.ndarray, np.ndarray]:
+        if at in known:
+            g = known[at]
+            values = np.zeros((n_rows, *shape[1:]), dtype=np.float64)
+            values[g.rows] = g.values
+            present = np.zeros(n_rows, dtype=bool)
+            present[g.rows] = True
+            return values, present
+        level, i = at
+        if level == 0:
+            raise KeyError(f"leaf {i} of the reduction tree is missing")
+        left = (level - 1, 2 * i)
+        right = (level - 1, 2 * i + 1)
+        if len(node_span(right, n_leaves)) == 0:
+            return dense(left)
+        values, present = dense(left)
+        np.add(0.0, values, out=values)
+        other, other_present = dense(right)
+        values += other
+        present |= other_present
+        return values, present
+
+    values, present = dense(node)
+    rows = np.flatnonzero(present)
+    return RowSparse(rows.astype(np.int64, copy=False), values[rows], tuple(shape))
 
 
 def tree_reduce(

@@ -84,8 +84,11 @@ from dasktrain.partial import (
     Partial,
     RowSparse,
     covering_nodes,
+    id_positions,
     reduce_node,
+    reduce_rows,
     tree_depth,
+    unique_ids,
 )
 
 logger = logging.getLogger(__name__)
@@ -292,7 +295,10 @@ class _TableProgram:
                 problem = self.model.check_ids(batch)
                 if problem is not None:
                     raise self._bad_ids(takes, problem)
-                ids = {t: np.unique(v) for t, v in self.model.row_ids(batch).items()}
+                ids = {
+                    t: unique_ids(v, self.layouts[t].n_rows)
+                    for t, v in self.model.row_ids(batch).items()
+                }
                 out[k] = _Leaf(batch, ids)
             except Exception as exc:
                 setattr(exc, FAILED_LEAF_ATTRIBUTE, k)
@@ -333,7 +339,7 @@ class _TableProgram:
         out: dict[int, dict[str, np.ndarray]] = {r: {} for r in range(self.n_ranks)}
         for table, layout in self.layouts.items():
             ids = [leaf.ids[table] for leaf in leaves.values()]
-            union = np.unique(np.concatenate(ids)) if ids else _NO_IDS
+            union = unique_ids(np.concatenate(ids), layout.n_rows) if ids else _NO_IDS
             owners = owner_of(
                 self.table_index[table], layout.shard_of(union), self.n_ranks
             )
@@ -407,19 +413,27 @@ class _TableProgram:
                 known: dict[Node, Partial] = {}
                 for k in self.own:
                     known[(0, k)] = self._leaf(leaves[k], values, params)
+                # The dense part and each table's rows are reduced apart
+                # (tables by dense row arrays when that is faster).
+                known_rest = {
+                    node: Partial(
+                        p.loss_sum,
+                        {k: g for k, g in p.grads.items() if k not in self.layouts},
+                        p.n_rows,
+                        dict(p.metrics),
+                    )
+                    for node, p in known.items()
+                }
                 with np.errstate(over="ignore", invalid="ignore"):
                     for node in covering_nodes(self.own, n_leaves):
-                        p = reduce_node(node, n_leaves, known)
-                        dense_nodes[node] = Partial(
-                            p.loss_sum,
-                            {k: g for k, g in p.grads.items() if k not in self.layouts},
-                            p.n_rows,
-                            dict(p.metrics),
-                        )
+                        dense_nodes[node] = reduce_node(node, n_leaves, known_rest)
                         sparse_nodes[node] = {
-                            t: g  # type: ignore[misc]
-                            for t, g in p.grads.items()
-                            if t in self.layouts
+                            t: reduce_rows(
+                                node,
+                                n_leaves,
+                                {n: p.grads[t] for n, p in known.items()},  # type: ignore[misc]
+                            )
+                            for t in sorted(self.layouts)
                         }
             except Exception as exc:
                 failure = exc
@@ -597,7 +611,8 @@ class _TableProgram:
         rows = {}
         for table, ids in leaf.ids.items():
             all_ids, all_vals = values[table]
-            rows[table] = (ids, all_vals[np.searchsorted(all_ids, ids)])
+            where = id_positions(all_ids, ids, self.layouts[table].n_rows)
+            rows[table] = (ids, all_vals[where])
         return self.model.sparse_loss_and_grad(params, rows, leaf.batch)
 
     def _sparse_for(

@@ -32,7 +32,7 @@ from dasktrain.models.sparse import (
     segment_sum,
     table_penalty,
 )
-from dasktrain.partial import Grad, Partial, RowSparse
+from dasktrain.partial import Grad, Partial, RowSparse, id_positions
 from dasktrain.schema import Schema
 
 __all__ = ["FM_LOSSES", "FactorizationMachine"]
@@ -317,7 +317,7 @@ class FactorizationMachine(SparseModel):
         values ``(n, f)``, ``s = sum_j x_j e_j`` and the row index of each id
         within ``rows["v"]``."""
         ids, vals = rows["v"]
-        inv = np.searchsorted(ids, self.row_ids(batch)["v"])
+        inv = id_positions(ids, self.row_ids(batch)["v"], self.n_ids)
         E = np.asarray(vals, dtype=np.float64)[inv]  # (n, f, rank + 1)
         k = self.rank
         if self.use_values:

@@ -45,7 +45,13 @@ from dasktrain.models.linear import (
     nonnegative_float,
     sigmoid_columns,
 )
-from dasktrain.partial import Grad, Partial, RowSparse, sum_by_index
+from dasktrain.partial import (
+    Grad,
+    Partial,
+    RowSparse,
+    id_positions,
+    sum_by_index,
+)
 from dasktrain.schema import Schema
 
 __all__ = [
@@ -522,8 +528,8 @@ class MatrixFactorization(SparseModel):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         u_ids, u_vals = rows["user"]
         i_ids, i_vals = rows["item"]
-        u_inv = np.searchsorted(u_ids, np.asarray(batch["user"], dtype=np.int64))
-        i_inv = np.searchsorted(i_ids, np.asarray(batch["item"], dtype=np.int64))
+        u_inv = id_positions(u_ids, np.asarray(batch["user"]), self.n_users)
+        i_inv = id_positions(i_ids, np.asarray(batch["item"]), self.n_items)
         U = np.asarray(u_vals, dtype=np.float64)[u_inv]
         V = np.asarray(i_vals, dtype=np.float64)[i_inv]
         k = self.rank
@@ -701,7 +707,7 @@ class SparseLogisticRegression(SparseModel):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         ids, vals = rows["w"]
         buckets = self.row_ids(batch)["w"]
-        inv = np.searchsorted(ids, buckets)
+        inv = id_positions(ids, buckets, self.n_buckets)
         W = np.asarray(vals, dtype=np.float64)[:, 0][inv]  # (n, f)
         x = (
             np.asarray(batch["values"], dtype=np.float64)

@@ -25,9 +25,13 @@ from dasktrain.partial import (
     RowSparse,
     combine,
     covering_nodes,
+    id_positions,
     node_span,
     reduce_node,
+    reduce_rows,
+    tree_depth,
     tree_reduce,
+    unique_ids,
 )
 
 
@@ -112,6 +116,37 @@ def test_row_sparse_combine_sums_duplicates() -> None:
     expected[1] = 3
     expected[4] = 2
     np.testing.assert_array_equal(total, expected)
+
+
+@pytest.mark.parametrize(
+    ("n", "m", "width"),
+    [(50, 40, 3), (10_000, 6_000, 9), (10_000, 30, 1), (7, 0, 2), (2_000, 9_000, 4)],
+)
+def test_row_sparse_add_has_the_bits_of_summing_the_concatenation(
+    n: int, m: int, width: int
+) -> None:
+    # The merge must give exactly what summing both row lists from 0.0 in
+    # input order gives (np.bincount), signed zeros and float32 included.
+    rng = np.random.default_rng(n + m)
+
+    def draw(dtype: type) -> RowSparse:
+        rows = np.unique(rng.integers(0, n, m))
+        values = rng.standard_normal((rows.size, width)).astype(dtype)
+        values[rng.random(values.shape) < 0.1] = -0.0
+        return RowSparse(rows, values, (n, width))
+
+    for dtype_a, dtype_b in [(np.float64, np.float64), (np.float32, np.float64)]:
+        a, b = draw(dtype_a), draw(dtype_b)
+        for x, y in [(a, b), (b, a), (a, a)]:
+            got = x + y
+            want = RowSparse.from_unsorted(
+                np.concatenate([x.rows, y.rows]),
+                np.concatenate([x.values, y.values]),
+                x.shape,
+            )
+            np.testing.assert_array_equal(got.rows, want.rows)
+            assert got.values.dtype == want.values.dtype
+            assert got.values.tobytes() == want.values.tobytes()
 
 
 def rows_of(chunk: int) -> int:
@@ -329,3 +364,53 @@ def test_weighted_mean_edge_cases() -> None:
     sparse = Partial(0.0, {"e": RowSparse(np.array([0]), np.ones((1, 2)), (3, 2))}, 1)
     with pytest.raises(TypeError, match="row-sparse"):
         weighted_mean(sparse)
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "per_leaf", "n_leaves", "own"),
+    [
+        (300, 200, 7, range(7)),  # dense additions: leaves cover the table
+        (300, 200, 8, range(2, 8)),  # a part of the tree, as one rank holds
+        (100_000, 20, 5, range(5)),  # sparse merges: a large table
+        (40, 0, 3, range(3)),  # empty leaves
+    ],
+)
+def test_reduce_rows_has_the_bits_of_reduce_node(
+    n_rows: int, per_leaf: int, n_leaves: int, own: range
+) -> None:
+    rng = np.random.default_rng(n_rows + n_leaves)
+    leaves = {}
+    for k in range(n_leaves):
+        rows = np.unique(rng.integers(0, n_rows, per_leaf))
+        values = rng.standard_normal((rows.size, 3)) * 10.0 ** rng.integers(-8, 8)
+        values[rng.random(values.shape) < 0.2] = -0.0
+        leaves[(0, k)] = RowSparse(rows, values, (n_rows, 3))
+    known = {node: g for node, g in leaves.items() if node[1] in own}
+    for node in covering_nodes(own, n_leaves):
+        got = reduce_rows(node, n_leaves, known)
+        want = reduce_node(
+            node, n_leaves, {n: Partial(0.0, {"t": g}, 0) for n, g in known.items()}
+        ).grads["t"]
+        np.testing.assert_array_equal(got.rows, want.rows)
+        assert got.values.tobytes() == want.values.tobytes()
+    with pytest.raises(KeyError, match="missing"):
+        reduce_rows((tree_depth(n_leaves), 0), n_leaves, dict(list(leaves.items())[1:]))
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "m", "dtype"),
+    [(1_000, 5_000, np.int64), (1_000, 5_000, np.int32), (50_000_000, 300, np.int64)],
+)
+def test_bounded_ids_match_unique_and_searchsorted(
+    n_rows: int, m: int, dtype: type
+) -> None:
+    # Both the mask / lookup-table path and the sort path give numpy's answer.
+    rng = np.random.default_rng(m)
+    ids = rng.integers(0, n_rows, m).astype(dtype)
+    ids[:3] = [0, n_rows - 1, 0]
+    uniq = unique_ids(ids, n_rows)
+    np.testing.assert_array_equal(uniq, np.unique(ids))
+    assert uniq.dtype == np.unique(ids).dtype
+    np.testing.assert_array_equal(
+        id_positions(uniq, ids, n_rows), np.searchsorted(uniq, ids)
+    )
