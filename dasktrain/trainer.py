@@ -25,6 +25,7 @@ import numpy as np
 
 from dasktrain.callbacks import Callback, EarlyStopping, ProgressBar
 from dasktrain.data import Dataset
+from dasktrain.engine.budget import MEMORY_TOPIC, NO_ANSWER_STATUS, worst_worker
 from dasktrain.engine.cache import DEFAULT_CACHE_FRACTION, worker_cache
 from dasktrain.engine.cluster import ClientHandle, get_client, prepare_client
 from dasktrain.engine.engine import Engine
@@ -791,6 +792,7 @@ class Trainer:
             "engine": self._engine,
             "commit": self._commit,
             "log_event": self._log_event,
+            "log_memory": self._log_memory_event,
         }
         if run.tables and _table_segments(run, options):
             return TableSegmentsLoop(
@@ -838,6 +840,16 @@ class Trainer:
             )
         except Exception:
             logger.debug("could not log a dashboard event", exc_info=True)
+
+    def _log_memory_event(self, table: dict[str, Any]) -> None:
+        """The workers' memory table of an epoch's end to the scheduler's
+        event log, under its own topic (the dashboard's per-worker table)."""
+        try:
+            self._handle.client.log_event(
+                MEMORY_TOPIC, {"store": self.store_path, **table}
+            )
+        except Exception:
+            logger.debug("could not log a memory event", exc_info=True)
 
     def _check_fit_args(
         self,
@@ -1225,25 +1237,37 @@ class Trainer:
                         )
             except Exception:
                 state = "store unreadable"
-        memory = ""
-        reports = getattr(getattr(self, "_engine", None), "last_memory", None)
-        if reports:
-            held = sum(r["held"] for r in reports.values()) / 2**20
-            room = sum(r["capacity"] for r in reports.values()) / 2**20
-            peak = max(r["peak_rss"] / max(1, r["limit"]) for r in reports.values())
-            memory = (
-                f"; worker caches {held:.0f} of {room:.0f} MiB, "
-                f"peak RSS {peak:.0%} of a limit"
-            )
         return (
             f"Trainer({self.model!r}, {self.optimizer!r}, "
-            f"store={self.store_path!r}; {state}{memory})"
+            f"store={self.store_path!r}; {state}{self._memory_repr()})"
         )
+
+    def _memory_repr(self) -> str:
+        """The workers' budgets as last asked, in a few words: the caches'
+        total, the worker nearest its limit, and how many did not answer."""
+        engine = getattr(self, "_engine", None)
+        reports = getattr(engine, "last_memory", None)
+        worst = worst_worker(reports) if reports else None
+        if not reports or worst is None:
+            return ""
+        held = sum(r["held"] for r in reports.values()) / 2**20
+        room = sum(r["capacity"] for r in reports.values()) / 2**20
+        address, peak = worst
+        text = (
+            f"; worker caches {held:.0f} of {room:.0f} MiB, "
+            f"peak RSS {peak:.0%} of the limit on {address}"
+        )
+        missing = getattr(engine, "last_memory_missing", {})
+        silent = sum(1 for status, _ in missing.values() if status == NO_ANSWER_STATUS)
+        if silent:
+            text += f", {silent} worker(s) not answering"
+        return text
 
     def memory_report(self) -> dict[str, dict[str, Any]]:
         """Each worker's memory budget: its limit and ceiling, what dasktrain
         keeps there (``held``, by consumer in ``held_by``) and may keep
-        (``capacity``), RSS now and at peak, evictions and pauses.
+        (``capacity``), RSS now and at peak, evictions and pauses, and the
+        chunk cache's lookups since the worker started (``reads_by``).
 
         Examples
         --------

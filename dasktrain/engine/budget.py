@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import mmap
+import re
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import dask.config
@@ -54,22 +56,42 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BUDGET_PLUGIN_NAME",
+    "CHUNK_CONSUMER",
+    "GONE_STATUS",
+    "MEMORY_TOPIC",
+    "NO_ANSWER_STATUS",
     "READ_PEAK_FACTOR",
+    "SHARD_CONSUMER",
     "BudgetConsumer",
     "BudgetPlugin",
     "BudgetStats",
     "MemoryBudget",
     "MemoryLimits",
     "MemoryPlan",
+    "address_order",
+    "memory_rows",
     "off_heap_copy",
     "process_rss",
+    "reads_since",
     "refuse_unfit_plan",
     "release_free_memory",
     "worker_budget",
     "worker_memory_report",
+    "worst_worker",
 ]
 
 BUDGET_PLUGIN_NAME = "dasktrain-memory"
+#: Topic of the scheduler's event log that gets one per-worker memory table
+#: per epoch end (:func:`memory_rows`; read by the dashboard page).
+MEMORY_TOPIC = "dasktrain-memory"
+#: Names the consumers register under: the decoded-chunk cache
+#: (:class:`~dasktrain.engine.cache.ChunkCache`) and the table shard cache.
+CHUNK_CONSUMER = "chunks"
+SHARD_CONSUMER = "shards"
+#: Status, in a memory table, of a worker that was asked and did not answer
+#: in time, and of one that answered last time and has left the cluster since.
+NO_ANSWER_STATUS = "no answer"
+GONE_STATUS = "gone"
 
 #: Dask config keys (under ``dasktrain.memory``) and their defaults.
 WATCH_INTERVAL_KEY = "dasktrain.memory.watch-interval"
@@ -232,6 +254,9 @@ class BudgetStats:
     evicted_bytes: int
     pauses: int
     trims: int
+    #: Lookups of the consumers that count them (the chunk cache), by
+    #: consumer: ``{"hits": ..., "misses": ...}`` since the process started.
+    reads_by: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -249,6 +274,7 @@ class BudgetStats:
             "evicted_bytes": self.evicted_bytes,
             "pauses": self.pauses,
             "trims": self.trims,
+            "reads_by": {n: dict(r) for n, r in self.reads_by.items()},
         }
 
 
@@ -451,6 +477,11 @@ class MemoryBudget:
     def stats(self) -> BudgetStats:
         with self._lock:
             held_by = {n: c.held_bytes for n, c in self._consumers.items()}
+            reads_by = {
+                n: reads
+                for n, c in self._consumers.items()
+                if (reads := _reads_of(c)) is not None
+            }
             return BudgetStats(
                 limit=self.limits.limit,
                 ceiling=self.ceiling,
@@ -466,7 +497,19 @@ class MemoryBudget:
                 evicted_bytes=self.evicted_bytes,
                 pauses=self.pauses,
                 trims=self.trims,
+                reads_by=reads_by,
             )
+
+
+def _reads_of(consumer: BudgetConsumer) -> dict[str, int] | None:
+    """The hit and miss counters of a consumer that keeps them (integer
+    ``hits`` and ``misses`` attributes, as the chunk cache); ``None`` for one
+    that does not (the shard cache counts its traffic per rank, not here)."""
+    hits = getattr(consumer, "hits", None)
+    misses = getattr(consumer, "misses", None)
+    if isinstance(hits, int) and isinstance(misses, int):
+        return {"hits": hits, "misses": misses}
+    return None
 
 
 #: One budget per worker (by the worker object's id), kept across plugin
@@ -610,6 +653,157 @@ def worker_memory_report(dask_worker: Any) -> dict[str, Any]:
     report["nthreads"] = int(dask_worker.state.nthreads)
     report["status"] = getattr(dask_worker.status, "name", str(dask_worker.status))
     return report
+
+
+def reads_since(
+    hits: int, misses: int, start: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """Hits and misses counted since ``start`` (the counters then).
+
+    Without a start, or when a counter went back (a new process at the same
+    address), the counters as they are.
+
+    Examples
+    --------
+    >>> reads_since(30, 10, (20, 5))
+    (10, 5)
+    >>> reads_since(3, 1, (20, 5))      # restarted since: its own counts
+    (3, 1)
+    """
+    if start is None:
+        return int(hits), int(misses)
+    hits0, misses0 = start
+    if hits < hits0 or misses < misses0:
+        return int(hits), int(misses)
+    return int(hits - hits0), int(misses - misses0)
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else math.nan
+
+
+def address_order(address: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key of worker addresses: text in order, numbers by value, so that
+    ``tcp://10.0.0.2:9`` comes before ``tcp://10.0.0.10:8``.
+
+    Examples
+    --------
+    >>> sorted(["tcp://h:10001", "tcp://h:9999"], key=address_order)
+    ['tcp://h:9999', 'tcp://h:10001']
+    """
+    parts = re.split(r"(\d+)", address)
+    return tuple((1, int(p)) if p.isdigit() else (0, p) for p in parts if p)
+
+
+def _worker_row(
+    address: str, report: Mapping[str, Any], start: tuple[int, int] | None
+) -> dict[str, Any]:
+    """One worker's line of a memory table (flat, plain numbers)."""
+    limit = int(report["limit"])
+    held_by = report.get("held_by", {})
+    reads = report.get("reads_by", {}).get(CHUNK_CONSUMER)
+    hits, misses = (
+        reads_since(int(reads["hits"]), int(reads["misses"]), start)
+        if reads is not None
+        else (0, 0)
+    )
+    return {
+        "worker": address,
+        "status": str(report.get("status", "")),
+        "limit_bytes": limit,
+        "ceiling_bytes": int(report["ceiling"]),
+        "capacity_bytes": int(report["capacity"]),
+        "held_bytes": int(report["held"]),
+        "chunks_bytes": int(held_by.get(CHUNK_CONSUMER, 0)),
+        "shards_bytes": int(held_by.get(SHARD_CONSUMER, 0)),
+        "baseline_rss_bytes": int(report["baseline_rss"]),
+        "rss_bytes": int(report["rss"]),
+        "rss_fraction": _ratio(int(report["rss"]), limit),
+        "peak_rss_bytes": int(report["peak_rss"]),
+        "peak_rss_fraction": _ratio(int(report["peak_rss"]), limit),
+        "evictions": int(report["evictions"]),
+        "evicted_bytes": int(report["evicted_bytes"]),
+        "pauses": int(report["pauses"]),
+        "cache_hits": hits,
+        "cache_misses": misses,
+        "cache_hit_rate": _ratio(hits, hits + misses),
+        "note": "",
+    }
+
+
+def memory_rows(
+    reports: Mapping[str, Mapping[str, Any]],
+    *,
+    missing: Mapping[str, tuple[str, str]] | None = None,
+    start: Mapping[str, tuple[int, int]] | None = None,
+) -> list[dict[str, Any]]:
+    """A table of the workers' budgets: one flat row per worker, sorted by
+    address (:func:`address_order`).
+
+    Parameters
+    ----------
+    reports:
+        :func:`worker_memory_report` of each worker that answered.
+    missing:
+        Workers that did not answer: address -> (status, why), the status
+        :data:`NO_ANSWER_STATUS` or :data:`GONE_STATUS`.  Their rows have
+        ``worker``, ``status`` and ``note`` only.
+    start:
+        Each worker's chunk-cache ``(hits, misses)`` when the fit started:
+        ``cache_hits``, ``cache_misses`` and ``cache_hit_rate`` count from
+        there (:func:`reads_since`); a worker without a start counts from its
+        process's start.
+
+    Returns
+    -------
+    list of dict
+        Sizes in bytes (``limit_bytes``, ``ceiling_bytes``,
+        ``capacity_bytes``, ``held_bytes`` and by consumer ``chunks_bytes``
+        and ``shards_bytes``, ``baseline_rss_bytes``, ``rss_bytes``,
+        ``peak_rss_bytes``), ``rss_fraction`` and ``peak_rss_fraction`` of the
+        limit, counters (``evictions``, ``evicted_bytes``, ``pauses``,
+        ``cache_hits``, ``cache_misses``), ``cache_hit_rate`` (NaN before
+        any lookup), ``status`` and ``note``.
+
+    Examples
+    --------
+    >>> report = {"limit": 1000, "ceiling": 650, "capacity": 400, "held": 300,
+    ...           "held_by": {"chunks": 300}, "baseline_rss": 100, "rss": 500,
+    ...           "peak_rss": 600, "evictions": 2, "evicted_bytes": 90,
+    ...           "pauses": 0, "status": "running",
+    ...           "reads_by": {"chunks": {"hits": 9, "misses": 3}}}
+    >>> rows = memory_rows({"tcp://w:2": report},
+    ...                    missing={"tcp://w:1": ("no answer", "TimeoutError")})
+    >>> [(r["worker"], r["status"]) for r in rows]
+    [('tcp://w:1', 'no answer'), ('tcp://w:2', 'running')]
+    >>> rows[1]["cache_hit_rate"], rows[1]["peak_rss_fraction"]
+    (0.75, 0.6)
+    """
+    start = start or {}
+    rows = [_worker_row(a, r, start.get(a)) for a, r in reports.items()]
+    for address, (status, note) in (missing or {}).items():
+        if address not in reports:
+            rows.append({"worker": address, "status": status, "note": note})
+    return sorted(rows, key=lambda r: address_order(str(r["worker"])))
+
+
+def worst_worker(
+    reports: Mapping[str, Mapping[str, Any]],
+) -> tuple[str, float] | None:
+    """The worker whose peak RSS is the largest fraction of its limit, and
+    that fraction (``None`` without reports).
+
+    Examples
+    --------
+    >>> worst_worker({"a": {"peak_rss": 5, "limit": 10},
+    ...               "b": {"peak_rss": 7, "limit": 10}})
+    ('b', 0.7)
+    """
+    fractions: Iterable[tuple[float, str]] = (
+        (int(r["peak_rss"]) / max(1, int(r["limit"])), a) for a, r in reports.items()
+    )
+    best = max(fractions, default=None)
+    return None if best is None else (best[1], best[0])
 
 
 def refuse_unfit_plan(

@@ -30,6 +30,7 @@ from distributed import WorkerPlugin, get_worker
 from distributed.system import MEMORY_LIMIT
 
 from dasktrain.engine.budget import (
+    CHUNK_CONSUMER,
     BudgetPlugin,
     MemoryBudget,
     budget_of,
@@ -84,9 +85,14 @@ class ChunkCache:
     evicts from it when the process nears its ceiling), and admitted chunks
     are copied into their own memory maps so that evicting one returns its
     memory to the system.
+
+    ``hits`` and ``misses`` count the lookups (:meth:`get`) since the cache
+    was made, that is for a worker's cache since its process started (the
+    cache outlives new registrations of the plugin); the budget reports them
+    (:attr:`~dasktrain.engine.budget.BudgetStats.reads_by`).
     """
 
-    NAME = "chunks"
+    NAME = CHUNK_CONSUMER
 
     def __init__(
         self,

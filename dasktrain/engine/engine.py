@@ -35,8 +35,12 @@ from distributed.comm.core import CommClosedError
 
 from dasktrain.data.io import DatasetRef
 from dasktrain.engine.budget import (
+    CHUNK_CONSUMER,
+    GONE_STATUS,
+    NO_ANSWER_STATUS,
     MemoryPlan,
     budget_of,
+    memory_rows,
     refuse_unfit_plan,
     worker_memory_report,
 )
@@ -167,6 +171,13 @@ class Engine:
         self.cache_fraction = cache_fraction
         #: The workers' budgets as last asked (:meth:`memory_reports`).
         self.last_memory: dict[str, dict[str, Any]] = {}
+        #: Workers left out of :attr:`last_memory`: address -> (status, why),
+        #: for one asked that did not answer and one that answered the time
+        #: before and has left since (:meth:`memory_summary`).
+        self.last_memory_missing: dict[str, tuple[str, str]] = {}
+        #: Each worker's chunk-cache (hits, misses) when the fit started
+        #: (:meth:`mark_fit_start`).
+        self._reads_at_start: dict[str, tuple[int, int]] = {}
         self._workers: list[WorkerInfo] = []
         self._workers_at = -np.inf
         self._owners: dict[
@@ -238,12 +249,17 @@ class Engine:
 
     # -- memory ------------------------------------------------------------------
     def memory_reports(
-        self, workers: Sequence[str] | None = None
+        self,
+        workers: Sequence[str] | None = None,
+        *,
+        left_out: dict[str, str] | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Each worker's memory budget (:func:`worker_memory_report`); paused
-        workers answer too, frozen ones are left out (:meth:`run_bounded`).
-        Sync point."""
-        return self.run_bounded(worker_memory_report, workers=workers)
+        workers answer too, frozen ones are left out (:meth:`run_bounded`;
+        ``left_out`` gets why).  Sync point."""
+        return self.run_bounded(
+            worker_memory_report, workers=workers, left_out=left_out
+        )
 
     def run_bounded(
         self,
@@ -251,12 +267,14 @@ class Engine:
         *args: Any,
         workers: Sequence[str] | None = None,
         timeout: float | None = None,
+        left_out: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """``Client.run(fn, *args)`` on each of ``workers`` (default: the
         running workers), each bounded by ``timeout`` seconds (default: the
         peer timeout, at most :data:`RUN_TIMEOUT_SECONDS`): a worker that
         does not answer in time (frozen, or gone meanwhile) is left out of
-        the result and logged, instead of holding the fit until it answers.
+        the result and logged, instead of holding the fit until it answers;
+        ``left_out``, if given, gets each such worker's address and why.
         Sync point: the calls run concurrently."""
         client = self.client
         if timeout is None:
@@ -293,6 +311,12 @@ class Engine:
                 out[address] = answer
             else:
                 lost = isinstance(exc, TimeoutError | OSError | CommClosedError)
+                if left_out is not None:
+                    left_out[address] = (
+                        f"no answer within {timeout:.3g} s ({type(exc).__name__})"
+                        if lost
+                        else f"{type(exc).__name__}: {exc}"
+                    )
                 logger.log(
                     logging.INFO if lost else logging.WARNING,
                     "worker %s did not answer %s within %.3g s (%s: %s); left out",
@@ -307,9 +331,10 @@ class Engine:
     def memory_summary(self) -> dict[str, float]:
         """The workers' budgets summed up for a history row: bytes the caches
         hold and may hold, evictions and pauses so far, and the highest peak
-        RSS as a fraction of its worker's limit.  Sync point."""
-        reports = self.memory_reports()
-        self.last_memory = reports
+        RSS as a fraction of its worker's limit.  The workers' own figures
+        stay in :attr:`last_memory` (and those left out in
+        :attr:`last_memory_missing`) for :meth:`memory_table`.  Sync point."""
+        reports = self._ask_memory()
         if not reports:
             return {}
         return {
@@ -322,12 +347,53 @@ class Engine:
             ),
         }
 
+    def _ask_memory(self) -> dict[str, dict[str, Any]]:
+        """Every worker's budget into :attr:`last_memory`, and into
+        :attr:`last_memory_missing` those asked that did not answer and those
+        that answered last time and have left since.  Sync point."""
+        left_out: dict[str, str] = {}
+        reports = self.memory_reports(left_out=left_out)
+        missing = {a: (NO_ANSWER_STATUS, why) for a, why in left_out.items()}
+        seen = set(self.last_memory) | {
+            a
+            for a, (status, _) in self.last_memory_missing.items()
+            if status != GONE_STATUS
+        }
+        for address in seen - set(reports) - set(missing):
+            missing[address] = (GONE_STATUS, "left the cluster since the last report")
+        self.last_memory = reports
+        self.last_memory_missing = missing
+        return reports
+
+    def mark_fit_start(self) -> None:
+        """Take the chunk-cache counters of :attr:`last_memory` (asked by
+        :meth:`check_memory` when a fit starts) as the start of the hit rates
+        of :meth:`memory_table`."""
+        self._reads_at_start = {}
+        for address, report in self.last_memory.items():
+            reads = report.get("reads_by", {}).get(CHUNK_CONSUMER)
+            if reads is not None:
+                self._reads_at_start[address] = (
+                    int(reads["hits"]),
+                    int(reads["misses"]),
+                )
+
+    def memory_table(self) -> list[dict[str, Any]]:
+        """The budgets as last asked (:meth:`memory_summary`,
+        :meth:`check_memory`), one row per worker, workers that did not answer
+        included (:func:`~dasktrain.engine.budget.memory_rows`); hit rates
+        count from :meth:`mark_fit_start`."""
+        return memory_rows(
+            self.last_memory,
+            missing=self.last_memory_missing,
+            start=self._reads_at_start,
+        )
+
     def check_memory(self, plan: MemoryPlan) -> None:
         """Refuse ``plan`` before any work if a worker cannot hold it
         (:func:`refuse_unfit_plan`), and size each worker's budget for it."""
         self.run_bounded(_declare_plan, plan)  # sync point
-        self.last_memory = self.memory_reports()
-        refuse_unfit_plan(plan, self.last_memory)
+        refuse_unfit_plan(plan, self._ask_memory())  # sync point
 
     def _wait_for_paused(self, paused: Sequence[str]) -> None:
         """Every worker is paused: dasktrain's budgets drop what they keep at

@@ -125,6 +125,9 @@ class FitLoop:
         Writes ``run`` to ``ps`` as a new committed version.
     log_event:
         Sends a history row to the dashboard page.
+    log_memory:
+        Sends the workers' memory table of an epoch's end to the dashboard
+        page (``{"step", "epoch", "workers"}``; none: not sent).
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class FitLoop:
         engine: Engine,
         commit: Callable[[ParamStore, Run, set[int] | None], None],
         log_event: Callable[[dict[str, Any]], None],
+        log_memory: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.trainer = trainer
         self.ps = ps
@@ -147,6 +151,7 @@ class FitLoop:
         self.engine = engine
         self._commit = commit
         self._log_event = log_event
+        self._log_memory = log_memory
         self.model: Model = trainer.model
         self.optimizer: Optimizer = trainer.optimizer
         self.seed: int = trainer.seed
@@ -163,6 +168,8 @@ class FitLoop:
         A plan that cannot fit in a worker's memory is refused first, before
         any work (:class:`~dasktrain.errors.MemoryBudgetError`)."""
         self.engine.check_memory(self.memory_plan())
+        # The per-worker chunk-cache hit rates count from here.
+        self.engine.mark_fit_start()
         try:
             self.loop()
         finally:
@@ -268,9 +275,18 @@ class FitLoop:
             row[f"val_{k}"] = v
 
     def epoch_callbacks(self, row: dict[str, Any]) -> None:
-        # The workers' memory budgets at the epoch's end (one Client.run).
+        # The workers' memory budgets at the epoch's end (one Client.run):
+        # summed up in the row, one line per worker to the dashboard.
         try:
             row.update(self.engine.memory_summary())
+            if self._log_memory is not None:
+                self._log_memory(
+                    {
+                        "step": row.get("step"),
+                        "epoch": row.get("epoch"),
+                        "workers": self.engine.memory_table(),
+                    }
+                )
         except Exception as exc:  # a worker leaving must not fail the epoch
             logger.debug("no memory summary at the epoch's end: %r", exc)
         try:

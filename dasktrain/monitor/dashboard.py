@@ -5,7 +5,9 @@ under the topic ``"dasktrain"`` (``{"store": path, **history_row}``).  This
 module turns those events into a Bokeh page served by the scheduler at
 ``/individual-dasktrain``: loss and validation loss per step (one line per
 run), rows per second, step time and worker cache hit rate, under a header
-naming the current run.
+naming the current run.  At each epoch's end the trainer also logs the
+workers' memory budgets, one row per worker, under the topic
+``"dasktrain-memory"``; the page shows the current run's latest as a table.
 
 The page reaches a scheduler in two ways, so that it is served wherever a
 trainer runs, without any set-up:
@@ -57,6 +59,7 @@ from urllib.parse import urljoin
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from dasktrain.engine.budget import MEMORY_TOPIC, address_order
 from dasktrain.engine.rank import BATCH_KEY, EVENT_TOPIC
 
 logger = logging.getLogger(__name__)
@@ -64,14 +67,19 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "APP_PATH",
     "EVENT_TOPIC",
+    "MEMORY_COLUMNS",
+    "MEMORY_TOPIC",
     "DashboardData",
     "DashboardPagePlugin",
+    "MemoryTable",
     "RunSeries",
     "dashboard_data",
     "dasktrain_doc",
     "ensure_page",
     "header_html",
     "install_page",
+    "memory_html",
+    "memory_table",
     "register",
 ]
 
@@ -85,6 +93,8 @@ DASHBOARD_MODULE = "distributed.dashboard.scheduler"
 MENU_NAME = "Dasktrain"
 #: How often an open page re-reads the scheduler's event log.
 UPDATE_INTERVAL_MS = 500
+#: Height of the per-worker memory table before it scrolls.
+MEMORY_TABLE_MAX_HEIGHT_PX = 200
 #: Lines drawn at most: the runs with the most recent events.
 MAX_RUNS = 10
 #: One colour per run, assigned in order of first appearance.
@@ -143,6 +153,8 @@ class RunSeries:
     last: dict[str, Any] = field(default_factory=dict)
     #: The workers' memory budgets as the latest epoch-end row gave them.
     memory: dict[str, Any] = field(default_factory=dict)
+    #: Time of the run's first event.
+    first_time: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -163,12 +175,16 @@ class DashboardData:
         The last event (the current run's latest row), ``None`` before any.
     n_events : int
         Number of events read.
+    memory : MemoryTable or None
+        The current run's latest per-worker memory table (an epoch's end),
+        ``None`` before its first.
     """
 
     runs: list[RunSeries]
     sources: dict[str, dict[str, list[Any]]]
     current: dict[str, Any] | None
     n_events: int
+    memory: MemoryTable | None = None
 
 
 def _number(value: Any) -> float:
@@ -241,6 +257,7 @@ def _runs_from_events(
             )
             runs.append(run)
             open_runs[store] = run
+            run.first_time = _number(timestamp)
         run.last_time = _number(timestamp)
         run.steps.append(step)
         for name in STEP_METRICS:
@@ -253,7 +270,10 @@ def _runs_from_events(
     return runs, n_events
 
 
-def dashboard_data(events: Iterable[tuple[float, Any]]) -> DashboardData:
+def dashboard_data(
+    events: Iterable[tuple[float, Any]],
+    memory_events: Iterable[tuple[float, Any]] = (),
+) -> DashboardData:
     """Turn ``"dasktrain"`` events into the page's column data.
 
     Parameters
@@ -263,6 +283,10 @@ def dashboard_data(events: Iterable[tuple[float, Any]]) -> DashboardData:
         ``Scheduler.get_events("dasktrain")`` or
         ``Client.get_events("dasktrain")``.  Messages without a ``step`` are
         ignored; missing or non-numeric metrics become NaN (a gap).
+    memory_events : iterable of (timestamp, message)
+        Events of the ``"dasktrain-memory"`` topic (:data:`MEMORY_TOPIC`):
+        the workers' memory tables of epoch ends.  The current run's latest
+        becomes :attr:`DashboardData.memory` (:func:`memory_table`).
 
     Returns
     -------
@@ -306,6 +330,7 @@ def dashboard_data(events: Iterable[tuple[float, Any]]) -> DashboardData:
         "store": [r.store for r in shown for _ in r.val_steps],
     }
     current = None
+    memory = None
     if runs:
         latest = max(runs, key=lambda r: r.last_time)
         current = {
@@ -316,8 +341,11 @@ def dashboard_data(events: Iterable[tuple[float, Any]]) -> DashboardData:
         }
         if latest.val_loss:
             current.setdefault("val_loss", latest.val_loss[-1])
+        memory = memory_table(
+            memory_events, store=latest.store, since=latest.first_time
+        )
     return DashboardData(
-        runs=shown, sources=sources, current=current, n_events=n_events
+        runs=shown, sources=sources, current=current, n_events=n_events, memory=memory
     )
 
 
@@ -329,6 +357,240 @@ MEMORY_KEYS = (
     "worker_pauses",
     "peak_rss_fraction",
 )
+
+
+#: Columns of the per-worker memory table, in the order of
+#: :func:`~dasktrain.engine.budget.memory_rows` (sizes in bytes); ``worker``,
+#: ``status`` and ``note`` are text, the others numbers (NaN: not reported).
+MEMORY_COLUMNS = (
+    "worker",
+    "status",
+    "limit_bytes",
+    "ceiling_bytes",
+    "capacity_bytes",
+    "held_bytes",
+    "chunks_bytes",
+    "shards_bytes",
+    "baseline_rss_bytes",
+    "rss_bytes",
+    "rss_fraction",
+    "peak_rss_bytes",
+    "peak_rss_fraction",
+    "evictions",
+    "evicted_bytes",
+    "pauses",
+    "cache_hits",
+    "cache_misses",
+    "cache_hit_rate",
+    "note",
+)
+_TEXT_COLUMNS = frozenset({"worker", "status", "note"})
+#: The status of a worker that answered and is working.
+RUNNING_STATUS = "running"
+
+
+@dataclass(frozen=True)
+class MemoryTable:
+    """The workers' memory budgets at one epoch's end.
+
+    Attributes
+    ----------
+    store : str
+        The run's parameter store.
+    step, epoch : int or None
+        The step and epoch that ended.
+    columns : dict
+        One list per name of :data:`MEMORY_COLUMNS`, one value per worker,
+        sorted by address.
+    """
+
+    store: str
+    step: int | None
+    epoch: int | None
+    columns: dict[str, list[Any]]
+
+    @property
+    def n_workers(self) -> int:
+        return len(self.columns["worker"])
+
+
+def _int_or_none(value: Any) -> int | None:
+    x = _number(value)
+    return None if math.isnan(x) else int(x)
+
+
+def memory_table(
+    events: Iterable[tuple[float, Any]],
+    *,
+    store: str | None = None,
+    since: float = -math.inf,
+) -> MemoryTable | None:
+    """The latest memory table of ``"dasktrain-memory"`` events.
+
+    Parameters
+    ----------
+    events : iterable of (timestamp, message)
+        Events of :data:`MEMORY_TOPIC`, oldest first: ``{"store", "step",
+        "epoch", "workers": [row, ...]}`` (rows of
+        :func:`~dasktrain.engine.budget.memory_rows`).  Others are ignored.
+    store : str, optional
+        Only tables of this store.
+    since : float
+        Only tables logged at this time or later (a run's first event: the
+        tables of an earlier run of the same store are not shown).
+
+    Returns
+    -------
+    MemoryTable or None
+        ``None`` if no event qualifies.  A row's missing numbers are NaN,
+        missing text is empty; rows are sorted by worker address.
+
+    Examples
+    --------
+    >>> row = {"worker": "tcp://w:1", "status": "running", "held_bytes": 5}
+    >>> t = memory_table([(1.0, {"store": "a", "step": 3, "workers": [row]})])
+    >>> t.step, t.columns["held_bytes"], t.columns["pauses"]
+    (3, [5.0], [nan])
+    """
+    chosen: Mapping[str, Any] | None = None
+    for timestamp, msg in events:
+        if not isinstance(msg, Mapping) or not isinstance(
+            msg.get("workers"), (list, tuple)
+        ):
+            continue
+        if store is not None and str(msg.get("store", "?")) != store:
+            continue
+        if _number(timestamp) < since:
+            continue
+        chosen = msg
+    if chosen is None:
+        return None
+    rows = [r for r in chosen["workers"] if isinstance(r, Mapping)]
+    rows.sort(key=lambda r: address_order(str(r.get("worker", ""))))
+    columns: dict[str, list[Any]] = {
+        name: [
+            str(r.get(name, "")) if name in _TEXT_COLUMNS else _number(r.get(name))
+            for r in rows
+        ]
+        for name in MEMORY_COLUMNS
+    }
+    return MemoryTable(
+        store=str(chosen.get("store", "?")),
+        step=_int_or_none(chosen.get("step")),
+        epoch=_int_or_none(chosen.get("epoch")),
+        columns=columns,
+    )
+
+
+#: Units of sizes in the memory table (binary multiples, as Dask's limits).
+_SIZE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+_SIZE_STEP = 1024
+
+
+def _size(value: Any) -> str:
+    """A byte count with a binary unit and three significant figures or so:
+    ``1.30 GiB``, ``650 MiB``, ``19.5 KiB``, ``0 B``."""
+    x = _number(value)
+    if math.isnan(x):
+        return "n/a"
+    unit = _SIZE_UNITS[0]
+    for unit in _SIZE_UNITS:
+        if abs(x) < _SIZE_STEP or unit == _SIZE_UNITS[-1]:
+            break
+        x /= _SIZE_STEP
+    if unit == _SIZE_UNITS[0] or abs(x) >= 100:
+        return f"{x:.0f} {unit}"
+    return f"{x:.1f} {unit}" if abs(x) >= 10 else f"{x:.2f} {unit}"
+
+
+def _with_fraction(n_bytes: Any, fraction: Any) -> str:
+    return f"{_size(n_bytes)} ({_format(fraction, '.0%')})"
+
+
+#: The table's headings and how a worker's cells are made from its columns.
+_MEMORY_CELLS: tuple[tuple[str, str], ...] = (
+    ("limit", "limit_bytes"),
+    ("ceiling", "ceiling_bytes"),
+    ("capacity", "capacity_bytes"),
+    ("held", "held_bytes"),
+    ("chunks", "chunks_bytes"),
+    ("shards", "shards_bytes"),
+    ("RSS (of limit)", "rss_bytes"),
+    ("peak RSS (of limit)", "peak_rss_bytes"),
+    ("evictions", "evictions"),
+    ("pauses", "pauses"),
+    ("chunk-cache hit rate", "cache_hit_rate"),
+)
+_CELL_STYLE = "padding:1px 6px;text-align:right;border-bottom:1px solid #ddd"
+_TEXT_CELL_STYLE = "padding:1px 6px;text-align:left;border-bottom:1px solid #ddd"
+_ALERT_STYLE = "color:#b2182b;font-weight:bold"
+
+
+def _cell(columns: Mapping[str, list[Any]], name: str, i: int) -> str:
+    value = columns[name][i]
+    if name == "rss_bytes":
+        return _with_fraction(value, columns["rss_fraction"][i])
+    if name == "peak_rss_bytes":
+        return _with_fraction(value, columns["peak_rss_fraction"][i])
+    if name == "cache_hit_rate":
+        return _format(value, ".1%")
+    if name.endswith("_bytes"):
+        return _size(value)
+    return _format(value, ",.0f")
+
+
+def memory_html(table: MemoryTable | None) -> str:
+    """The per-worker memory table as HTML (every value escaped).
+
+    A worker that did not answer (status ``"no answer"``) or has left
+    (``"gone"``) keeps its row, with why in place of its numbers.
+
+    Examples
+    --------
+    >>> t = memory_table([(1.0, {"store": "a", "step": 3, "epoch": 1,
+    ...     "workers": [{"worker": "<w>", "status": "gone", "note": "left"}]})])
+    >>> "&lt;w&gt;" in memory_html(t) and "<w>" not in memory_html(t)
+    True
+    """
+    if table is None:
+        return ""
+    columns = table.columns
+    esc = html.escape
+    heads = ["worker", "status", *(head for head, _ in _MEMORY_CELLS)]
+    lines = [
+        f"<b>Workers</b> at the end of epoch {esc(str(table.epoch))} "
+        f"(step {esc(str(table.step))}): memory budget, what dasktrain keeps, "
+        f"RSS; chunk-cache hit rate since the fit started",
+        '<table style="border-collapse:collapse;font-size:12px">',
+        "<thead><tr>"
+        + "".join(f'<th style="{_TEXT_CELL_STYLE}">{esc(h)}</th>' for h in heads)
+        + "</tr></thead>",
+        "<tbody>",
+    ]
+    for i in range(table.n_workers):
+        status = columns["status"][i]
+        status_style = _TEXT_CELL_STYLE
+        if status != RUNNING_STATUS:
+            status_style += ";" + _ALERT_STYLE
+        cells = [
+            f'<td style="{_TEXT_CELL_STYLE}"><code>{esc(columns["worker"][i])}'
+            "</code></td>",
+            f'<td style="{status_style}">{esc(status)}</td>',
+        ]
+        note = columns["note"][i]
+        if note and all(math.isnan(columns[name][i]) for _, name in _MEMORY_CELLS):
+            cells.append(
+                f'<td style="{_TEXT_CELL_STYLE}" colspan="{len(_MEMORY_CELLS)}">'
+                f"{esc(note)}</td>"
+            )
+        else:
+            cells += [
+                f'<td style="{_CELL_STYLE}">{esc(_cell(columns, name, i))}</td>'
+                for _, name in _MEMORY_CELLS
+            ]
+        lines.append("<tr>" + "".join(cells) + "</tr>")
+    lines += ["</tbody>", "</table>"]
+    return "\n".join(lines)
 
 
 def _format(value: Any, spec: str) -> str:
@@ -389,7 +651,7 @@ class _Page:
         from bokeh.plotting import figure
 
         self.scheduler = scheduler
-        self._token: tuple[int, float] | None = None
+        self._token: tuple[int, float, int, float] | None = None
         empty = dashboard_data(())
         self.sources = {
             name: ColumnDataSource(data=data, name=f"dasktrain-{name}")
@@ -400,6 +662,19 @@ class _Page:
             name="dasktrain-header",
             sizing_mode="stretch_width",
             styles={"font-size": "13px", "padding": "4px 8px"},
+        )
+        # The workers' memory budgets at the latest epoch end: one row per
+        # worker, scrolled when there are many.
+        self.memory = Div(
+            text="",
+            name="dasktrain-memory",
+            sizing_mode="stretch_width",
+            styles={
+                "font-size": "12px",
+                "padding": "0 8px",
+                "max-height": f"{MEMORY_TABLE_MAX_HEIGHT_PX}px",
+                "overflow-y": "auto",
+            },
         )
         tools = "pan,wheel_zoom,box_zoom,reset,save"
 
@@ -487,7 +762,7 @@ class _Page:
             sizing_mode="stretch_both",
             toolbar_location="right",
         )
-        self.root = column(self.header, grid, sizing_mode="stretch_both")
+        self.root = column(self.header, self.memory, grid, sizing_mode="stretch_both")
 
     def update(self) -> None:
         """Re-read the event log; push new column data if it changed.
@@ -497,14 +772,21 @@ class _Page:
         most 1,000 events per topic, so a full rebuild stays cheap.
         """
         events = self.scheduler.get_events(EVENT_TOPIC)
-        token = (len(events), events[-1][0] if events else 0.0)
+        memory = self.scheduler.get_events(MEMORY_TOPIC)
+        token = (
+            len(events),
+            events[-1][0] if events else 0.0,
+            len(memory),
+            memory[-1][0] if memory else 0.0,
+        )
         if token == self._token:
             return
         self._token = token
-        data = dashboard_data(events)
+        data = dashboard_data(events, memory)
         for name, columns in data.sources.items():
             self.sources[name].data = columns
         self.header.text = header_html(data.current)
+        self.memory.text = memory_html(data.memory)
         self.legend.visible = bool(data.runs)
 
 

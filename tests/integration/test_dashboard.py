@@ -68,8 +68,12 @@ def _individual_plots(base_url: str) -> dict[str, str]:
 
 
 def _doc_state(doc: Any) -> dict[str, Any]:
-    """The header text and the data sources' columns of a page document."""
-    state: dict[str, Any] = {"header": doc.get_model_by_name("dasktrain-header").text}
+    """The header text, the per-worker memory table (HTML) and the data
+    sources' columns of a page document."""
+    state: dict[str, Any] = {
+        "header": doc.get_model_by_name("dasktrain-header").text,
+        "memory": doc.get_model_by_name("dasktrain-memory").text,
+    }
     for name in ("loss", "val_loss", "val_points", "rows_per_s", "seconds"):
         state[name] = dict(doc.get_model_by_name(f"dasktrain-{name}").data)
     return state
@@ -257,6 +261,7 @@ def test_page_shows_fit_live(
     with pull_session(url=base_url + APP_PATH) as session:
         state = _doc_state(session.document)
         assert state["header"] == WAITING_TEXT
+        assert state["memory"] == ""
         assert state["loss"]["xs"] == []
         assert state["val_points"]["step"] == []
 
@@ -292,6 +297,39 @@ def test_page_shows_fit_live(
     data = dashboard.dashboard_data(client.get_events("dasktrain"))
     assert data.sources["loss"]["xs"] == state["loss"]["xs"]
     assert data.current is not None and data.current["step"] == n_steps
+
+    # One memory table per epoch end, one row per worker, sane numbers.
+    memory_events = client.get_events(dashboard.MEMORY_TOPIC)
+    assert [m["step"] for _, m in memory_events if m["store"] == fit.store] == (
+        epoch_ends
+    )
+    table = dashboard.memory_table(memory_events, store=fit.store)
+    assert table is not None and (table.step, table.epoch) == (n_steps, EPOCHS)
+    workers = sorted(client.scheduler_info()["workers"])
+    assert table.columns["worker"] == workers
+    for i in range(table.n_workers):
+        row = {name: values[i] for name, values in table.columns.items()}
+        assert row["status"] == "running", row
+        assert 0 < row["capacity_bytes"] <= row["ceiling_bytes"] < row["limit_bytes"]
+        # Every admission into a cache is checked against the capacity of
+        # the moment, which is at most the ceiling minus the start-up RSS.
+        assert (
+            0 <= row["held_bytes"] <= (row["ceiling_bytes"] - row["baseline_rss_bytes"])
+        )
+        assert row["held_bytes"] == row["chunks_bytes"] + row["shards_bytes"]
+        assert 0 < row["rss_bytes"] <= row["peak_rss_bytes"] < row["limit_bytes"]
+        assert row["peak_rss_fraction"] == pytest.approx(
+            row["peak_rss_bytes"] / row["limit_bytes"]
+        )
+        # The small dataset fits in the cache: epochs 2 and 3 hit.
+        assert row["cache_misses"] > 0 and row["cache_hits"] > 0
+        assert 0 < row["cache_hit_rate"] <= 1
+        assert row["pauses"] == 0
+    # The page shows that table.
+    body = state["memory"].split("<tbody>")[1]
+    assert body.count("<tr>") == len(workers)
+    assert all(f"<code>{w}</code>" in body for w in workers)
+    assert f"end of epoch {EPOCHS} (step {n_steps})" in state["memory"]
 
 
 #: Run in a fresh interpreter: start a cluster the way a user would (argv[1]),
