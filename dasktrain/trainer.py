@@ -613,7 +613,8 @@ class Trainer:
             the bits are the same on any number of workers; a step uses up
             to ``n_streams`` worker threads.  ``None``: the run's own in the
             middle of an epoch, else one stream per 256 rows of a step (at
-            most 32, see :func:`dasktrain.engine.plan.default_n_streams`).
+            most 32; with sharded tables one per 16,384 rows, at least 2 from
+            512 rows; see :func:`dasktrain.engine.plan.default_n_streams`).
         staleness:
             Models with sharded tables only: ``0`` (default) runs synchronous
             steps.  ``k > 0`` pipelines steps: step ``s`` computes its
@@ -724,7 +725,11 @@ class Trainer:
             and (not run.tables or _table_segments(run, options))
         ):
             n_streams = resolve_n_streams(
-                options.n_streams, batch_rows, run.n_streams, run.epoch_step != 0
+                options.n_streams,
+                batch_rows,
+                run.n_streams,
+                run.epoch_step != 0,
+                tables=bool(run.tables),
             )
             if options.n_streams is None and run.n_streams is None:
                 # The default never asks for more streams than rows.

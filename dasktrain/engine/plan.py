@@ -267,6 +267,11 @@ def local_sgd_rounds(
 MIN_STREAM_ROWS = 256
 #: The most streams :func:`default_n_streams` picks.
 MAX_DEFAULT_STREAMS = 32
+#: Rows per stream and step of models with sharded tables: a leaf's cost
+#: there grows with the table rows it touches, not only with its rows, so
+#: fewer, larger leaves are faster (``benchmarks/parameter_server.py
+#: --n-streams``: 8 streams of 16,384 rows ran 1.3x 32 streams of 4,096).
+MIN_TABLE_STREAM_ROWS = 16_384
 #: Salt of the per-epoch span order of a stream (keeps it apart from the
 #: chunk-order and row-order seeds).
 _SPAN_ORDER_SALT = 0x57
@@ -274,20 +279,30 @@ _SPAN_ORDER_SALT = 0x57
 _PART_ORDER_SALT = 0x5A
 
 
-def default_n_streams(batch_rows: int) -> int:
+def default_n_streams(batch_rows: int, *, tables: bool = False) -> int:
     """Streams of a run with minibatches of ``batch_rows`` rows when the user
     does not choose: one per :data:`MIN_STREAM_ROWS` rows of a step, at least
-    1 and at most :data:`MAX_DEFAULT_STREAMS`.  A function of the batch size
-    only (never of the cluster), so runs are reproducible on any cluster.
+    1 and at most :data:`MAX_DEFAULT_STREAMS`.  With sharded ``tables``, one
+    per :data:`MIN_TABLE_STREAM_ROWS` rows, but as many as the first rule
+    gives up to 2 (so steps of 512 rows or more still use two ranks).  A
+    function of the plan only (never of the cluster), so runs are
+    reproducible on any cluster.
 
     Examples
     --------
     >>> default_n_streams(100), default_n_streams(512), default_n_streams(1 << 20)
     (1, 2, 32)
+    >>> [default_n_streams(b, tables=True) for b in (100, 512, 131_072, 1 << 20)]
+    [1, 2, 8, 32]
     """
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
-    return max(1, min(MAX_DEFAULT_STREAMS, batch_rows // MIN_STREAM_ROWS))
+    dense = max(1, min(MAX_DEFAULT_STREAMS, batch_rows // MIN_STREAM_ROWS))
+    if not tables:
+        return dense
+    return max(
+        min(2, dense), min(MAX_DEFAULT_STREAMS, batch_rows // MIN_TABLE_STREAM_ROWS)
+    )
 
 
 def steps_per_epoch(n_rows: int, batch_rows: int) -> int:

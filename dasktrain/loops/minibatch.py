@@ -29,15 +29,21 @@ __all__ = ["MinibatchLoop", "resolve_n_streams"]
 
 
 def resolve_n_streams(
-    requested: int | None, batch_rows: int, stored: int | None, mid_epoch: bool
+    requested: int | None,
+    batch_rows: int,
+    stored: int | None,
+    mid_epoch: bool,
+    *,
+    tables: bool = False,
 ) -> int:
     """The streams of a run's plan: the user's choice, else the run's own in
-    the middle of an epoch, else :func:`default_n_streams`."""
+    the middle of an epoch, else :func:`default_n_streams` (for a model with
+    sharded ``tables`` or not)."""
     if requested is not None:
         return int(requested)
     if mid_epoch and stored is not None:
         return int(stored)
-    return default_n_streams(batch_rows)
+    return default_n_streams(batch_rows, tables=tables)
 
 
 class MinibatchLoop(FitLoop):
