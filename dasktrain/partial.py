@@ -334,14 +334,16 @@ def reduce_rows(
         assert isinstance(out, RowSparse)
         return out
 
+    def scattered(g: RowSparse, plus_zero: bool) -> tuple[np.ndarray, np.ndarray]:
+        values = np.zeros((n_rows, *shape[1:]), dtype=np.float64)
+        values[g.rows] = (0.0 + g.values) if plus_zero else g.values
+        present = np.zeros(n_rows, dtype=bool)
+        present[g.rows] = True
+        return values, present
+
     def dense(at: Node) -> tuple[np.ndarray, np.ndarray]:
         if at in known:
-            g = known[at]
-            values = np.zeros((n_rows, *shape[1:]), dtype=np.float64)
-            values[g.rows] = g.values
-            present = np.zeros(n_rows, dtype=bool)
-            present[g.rows] = True
-            return values, present
+            return scattered(known[at], False)
         level, i = at
         if level == 0:
             raise KeyError(f"leaf {i} of the reduction tree is missing")
@@ -349,11 +351,22 @@ def reduce_rows(
         right = (level - 1, 2 * i + 1)
         if len(node_span(right, n_leaves)) == 0:
             return dense(left)
-        values, present = dense(left)
-        np.add(0.0, values, out=values)
-        other, other_present = dense(right)
-        values += other
-        present |= other_present
+        # (0.0 + left): absent rows hold +0.0 already, so a known left node
+        # needs it on its own rows only.
+        if left in known:
+            values, present = scattered(known[left], True)
+        else:
+            values, present = dense(left)
+            np.add(0.0, values, out=values)
+        if right in known:
+            # Adding +0.0 changes no row of (0.0 + left): add on its rows.
+            g = known[right]
+            values[g.rows] += g.values
+            present[g.rows] = True
+        else:
+            other, other_present = dense(right)
+            values += other
+            present |= other_present
         return values, present
 
     values, present = dense(node)

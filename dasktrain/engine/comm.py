@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import threading
 import time
 from collections import OrderedDict
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dask.config
+import numpy as np
 from distributed import WorkerPlugin
 from distributed.comm import connect
 
@@ -63,7 +65,9 @@ __all__ = [
     "RankPlugin",
     "RankState",
     "SegmentAborted",
+    "open_payload",
     "rank_state",
+    "wire_payload",
 ]
 
 PLUGIN_NAME = "dasktrain-ranks"
@@ -86,6 +90,63 @@ DEFAULT_STEP_TIMEOUT_SECONDS = 1800.0
 CLOSED_SEGMENTS_KEPT = 1024
 #: Mailboxes of segments whose rank has not started yet, kept per worker.
 PENDING_MAILBOXES_KEPT = 256
+#: A payload for a remote rank with at most this many bytes of arrays is
+#: pickled by the sending rank's thread into one bytes object (cheap for the
+#: worker's event loop to write, unpickled by the receiving rank's thread);
+#: a larger one goes as Dask-serialized frames (no copy into the message).
+SMALL_PAYLOAD_BYTES = 256 << 10
+#: The key of a pickled payload.
+_PICKLED = "dasktrain-pickled"
+
+
+def _array_bytes(obj: Any, limit: int) -> int:
+    """Bytes of the arrays in ``obj`` (dicts, lists and tuples walked), or
+    more than ``limit`` once it is passed."""
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, dict):
+        items: Iterable[Any] = obj.values()
+    elif isinstance(obj, list | tuple):
+        items = obj
+    else:
+        return 0
+    total = 0
+    for item in items:
+        total += _array_bytes(item, limit - total)
+        if total > limit:
+            break
+    return total
+
+
+def _for_wire(obj: Any) -> Any:
+    """``obj`` with its arrays marked for Dask's array serialization (frames,
+    no pickle, no copy into the message)."""
+    from distributed.protocol import to_serialize
+
+    if isinstance(obj, np.ndarray):
+        # (np.ascontiguousarray would make a 0-d array 1-d)
+        return to_serialize(obj if obj.flags.c_contiguous else obj.copy(order="C"))
+    if isinstance(obj, dict):
+        return {k: _for_wire(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_for_wire(v) for v in obj]
+    return obj
+
+
+def wire_payload(payload: Any) -> Any:
+    """How ``payload`` travels to a rank on another worker: pickled here
+    when its arrays are small (:data:`SMALL_PAYLOAD_BYTES`), else with its
+    arrays as serialized frames.  :func:`open_payload` undoes it."""
+    if _array_bytes(payload, SMALL_PAYLOAD_BYTES) <= SMALL_PAYLOAD_BYTES:
+        return {_PICKLED: pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)}
+    return _for_wire(payload)
+
+
+def open_payload(payload: Any) -> Any:
+    """The payload a rank sent (see :func:`wire_payload`)."""
+    if isinstance(payload, dict) and _PICKLED in payload:
+        return pickle.loads(payload[_PICKLED])
+    return payload
 
 
 class SegmentAborted(RuntimeError):
@@ -457,8 +518,14 @@ class RankChannel:
         return self.box.stop_requested
 
     def send(self, dst: int, step: int, payload: Any) -> None:
+        """Queue ``payload`` for rank ``dst`` (returns at once).  To another
+        worker it travels as :func:`wire_payload` makes it; a rank on this
+        worker gets the objects themselves."""
+        address = self.addresses[dst]
+        if address != self.state.worker.address:
+            payload = wire_payload(payload)
         self.state.send(
-            self.addresses[dst],
+            address,
             {
                 "op": MSG_OP,
                 "reply": False,
@@ -486,7 +553,7 @@ class RankChannel:
                 )
         self.wait_seconds += time.monotonic() - t0
         self._check_liveness()
-        return {src: got[(step, src)] for (_, src) in keys}
+        return {src: open_payload(got[(step, src)]) for (_, src) in keys}
 
     def abort_all(self, reason: str) -> None:
         """Tell every other rank that this segment is over (best effort)."""

@@ -253,29 +253,6 @@ def _encode(nodes: Mapping[Node, Partial]) -> list[list[Any]]:
     return out
 
 
-def _wrap(payload: dict[str, Any]) -> dict[str, Any]:
-    """The payload with its arrays marked for Dask's array serialization
-    (frames, no pickle), for a remote peer."""
-    from distributed.protocol import to_serialize
-
-    if not payload.get("nodes"):
-        return payload
-    return {
-        **payload,
-        "nodes": [
-            [*node[:5], {k: _serialized(a, to_serialize) for k, a in node[5].items()}]
-            for node in payload["nodes"]
-        ],
-    }
-
-
-def _serialized(grad: Any, to_serialize: Any) -> Any:
-    if isinstance(grad, list):
-        rows, values, shape = grad
-        return [to_serialize(rows), to_serialize(values), shape]
-    return to_serialize(grad)
-
-
 def _decoded(grad: Any) -> np.ndarray | RowSparse:
     if isinstance(grad, (list, tuple)):
         rows, values, shape = grad
@@ -751,14 +728,8 @@ class _Program:
     def _exchange(
         self, channel: RankChannel, step: int, payload: dict[str, Any]
     ) -> dict[int, Any]:
-        local = {
-            r
-            for r in channel.peers
-            if channel.addresses[r] == channel.state.worker.address
-        }
-        wrapped = _wrap(payload) if len(local) < len(channel.peers) else payload
         for dst in channel.peers:
-            channel.send(dst, step, payload if dst in local else wrapped)
+            channel.send(dst, step, payload)
         return channel.gather(step, channel.peers)
 
 

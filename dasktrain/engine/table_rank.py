@@ -61,7 +61,6 @@ from dasktrain.engine.rank import (
     _row,
     _Rows,
     _SpanReader,
-    _wrap,
     _zero_partial,
     state_checksum,
 )
@@ -365,11 +364,6 @@ class _TableProgram:
         diverged: str | None = None
         error_seen: BaseException | None = None
         step_started = time.monotonic()
-        remote = {
-            r
-            for r in channel.peers
-            if channel.addresses[r] != channel.state.worker.address
-        }
 
         # The first step's requests.
         leaves = self.read(spec.first_step) if spec.first_step < stop else {}
@@ -379,7 +373,7 @@ class _TableProgram:
             channel.send(
                 dst,
                 _tag(spec.first_step, _REQUEST),
-                _arrays_out(mine[dst], dst in remote),
+                mine[dst],
             )
         asked = {
             src: p
@@ -398,9 +392,7 @@ class _TableProgram:
                 for src, req in asked.items()
             }
             for dst in channel.peers:
-                channel.send(
-                    dst, _tag(step, _ROWS), _arrays_out(served[dst], dst in remote)
-                )
+                channel.send(dst, _tag(step, _ROWS), served[dst])
             got_rows = channel.gather(_tag(step, _ROWS), channel.peers)
             got_rows[self.rank] = served[self.rank]
             # 2. Leaves with those rows, pre-reduced.
@@ -463,9 +455,7 @@ class _TableProgram:
                     "error": error,
                     "stats": stats,
                 }
-                channel.send(
-                    dst, _tag(step, _GRADS), _payload_out(payload, dst in remote)
-                )
+                channel.send(dst, _tag(step, _GRADS), payload)
             got = channel.gather(_tag(step, _GRADS), channel.peers)
             if failure is not None or any(p["error"] for p in got.values()):
                 error_seen = failure
@@ -493,11 +483,13 @@ class _TableProgram:
                 break
             # The rows this rank serves: the same update on any cluster.
             if root.n_rows:
-                with np.errstate(over="ignore", invalid="ignore"):
-                    sparse_root = reduce_node((depth, 0), n_leaves, known_sparse)
                 for table in sorted(self.layouts):
-                    g = sparse_root.grads[table]
-                    assert isinstance(g, RowSparse)
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        g = reduce_rows(
+                            (depth, 0),
+                            n_leaves,
+                            {n: p.grads[table] for n, p in known_sparse.items()},  # type: ignore[misc]
+                        )
                     if g.rows.shape[0]:
                         self.server.update(
                             table,
@@ -686,24 +678,3 @@ def _traffic_delta(before: Mapping[str, int], traffic: ShardTraffic) -> list[int
         now[k] - before[k]
         for k in ("rows_served", "bytes_read", "bytes_written", "evictions")
     ]
-
-
-def _arrays_out(arrays: Mapping[str, np.ndarray], remote: bool) -> dict[str, Any]:
-    """Arrays by table, marked for Dask's array serialization for a remote peer."""
-    if not remote:
-        return dict(arrays)
-    from distributed.protocol import to_serialize
-
-    return {k: to_serialize(np.ascontiguousarray(v)) for k, v in arrays.items()}
-
-
-def _payload_out(payload: dict[str, Any], remote: bool) -> dict[str, Any]:
-    if not remote:
-        return payload
-    out = dict(payload)
-    for key in ("dense", "sparse"):
-        if out[key]:
-            out[key] = _wrap({"nodes": out[key]})["nodes"]
-    if out["req"] is not None:
-        out["req"] = _arrays_out(out["req"], True)
-    return out

@@ -414,3 +414,48 @@ def test_bounded_ids_match_unique_and_searchsorted(
     np.testing.assert_array_equal(
         id_positions(uniq, ids, n_rows), np.searchsorted(uniq, ids)
     )
+
+
+@pytest.mark.parametrize("n", [10, 200_000])
+def test_rank_payloads_cross_the_wire_unchanged(n: int) -> None:
+    # A small payload is pickled by the sending rank, a large one goes as
+    # array frames; both arrive through Dask's message protocol unchanged.
+    from distributed.protocol import dumps, loads
+
+    from dasktrain.engine.comm import SMALL_PAYLOAD_BYTES, open_payload, wire_payload
+
+    rng = np.random.default_rng(n)
+    payload = {
+        "nodes": [
+            [
+                0,
+                3,
+                1.5,
+                7,
+                {"correct": 2.0},
+                {"w": rng.standard_normal(n), "mu": np.asarray(0.25)},
+            ]
+        ],
+        "sparse": [
+            [1, 0, 0.0, 0, {}, {"t": [np.arange(5), rng.random((5, 2)), [9, 2]]}]
+        ],
+        "req": {"user": np.arange(n, dtype=np.int64)[::3]},
+        "end": False,
+        "error": None,
+        "stats": [1, 2],
+    }
+    wire = wire_payload(payload)
+    small = n * 8 * 2 <= SMALL_PAYLOAD_BYTES
+    assert (set(wire) == {"dasktrain-pickled"}) == small
+    got = open_payload(loads(dumps({"op": "x", "payload": wire}))["payload"])
+    np.testing.assert_array_equal(got["nodes"][0][5]["w"], payload["nodes"][0][5]["w"])
+    assert np.shape(got["nodes"][0][5]["mu"]) == () and got["nodes"][0][5]["mu"] == 0.25
+    strided = wire_payload({"a": np.arange(2 * n)[::2]})
+    assert np.array_equal(
+        open_payload(loads(dumps({"p": strided}))["p"])["a"], np.arange(2 * n)[::2]
+    )
+    rows, values, shape = got["sparse"][0][5]["t"]
+    np.testing.assert_array_equal(values, payload["sparse"][0][5]["t"][1])
+    assert list(shape) == [9, 2] and list(got["nodes"][0][:4]) == [0, 3, 1.5, 7]
+    np.testing.assert_array_equal(got["req"]["user"], payload["req"]["user"])
+    assert got["end"] is False and got["error"] is None and list(got["stats"]) == [1, 2]
