@@ -191,6 +191,7 @@ def large_table(args: argparse.Namespace) -> int:
                 train,
                 epochs=args.epochs,
                 batch_rows=args.batch_rows,
+                n_streams=args.n_streams,
                 validation=val,
                 progress=True,
             )
