@@ -289,9 +289,10 @@ def reduce_node(node: Node, n_leaves: int, known: Mapping[Node, Partial]) -> Par
 
 
 #: :func:`reduce_rows` adds on dense row arrays only while one holds at most
-#: this many bytes, and the table has at most :data:`_DENSE_ROWS_PER_ROW`
-#: rows per row the node's leaves hold.
-_DENSE_NODE_BYTES = 32 << 20
+#: this many bytes (about one per tree level is alive at a time: a few times
+#: this on a worker's memory, outside its budget), and the table has at most
+#: :data:`_DENSE_ROWS_PER_ROW` rows per row the node's leaves hold.
+_DENSE_NODE_BYTES = 8 << 20
 _DENSE_ROWS_PER_ROW = 4
 
 
