@@ -238,6 +238,15 @@ class ShardCache:
         with self.lock:
             return self._pop(key) if key in self._data else None
 
+    def pop_clean(self, key: tuple[Any, ...]) -> bool:
+        """Drop ``key`` if it is held and unchanged; whether it was."""
+        with self.lock:
+            entry = self._data.get(key)
+            if entry is None or entry.dirty:
+                return False
+            self._pop(key)
+            return True
+
     def _pop(self, key: tuple[Any, ...]) -> _Shard:
         entry = self._data.pop(key)
         self._n_bytes -= entry.nbytes
@@ -327,7 +336,10 @@ class ShardServer:
     #: shards this attempt wrote to the stage, by table
     written: dict[str, set[int]] = field(default_factory=dict)
     traffic: ShardTraffic = field(default_factory=ShardTraffic)
-    _mine: dict[tuple[Any, ...], None] = field(default_factory=dict)
+    #: this rank's shards in the cache, with the step (:attr:`tick`) that last used each
+    _mine: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    #: the rank's step count in this attempt (:meth:`next_step`)
+    tick: int = 0
 
     def __post_init__(self) -> None:
         self.prefix = (self.store.url, self.store.options_id)
@@ -426,6 +438,34 @@ class ShardServer:
                 self._write(key[-2], key[-1], entry)
             self.traffic.evictions += 1
 
+    def next_step(self) -> None:
+        """The rank's step is over: the shards it used may now make room
+        for the next step's (see :meth:`_evict_idle`)."""
+        self.tick += 1
+
+    def _evict_idle(self, n_bytes: int) -> None:
+        """Evict, least recently used first, unchanged shards this rank did
+        not load and this rank's shards not used in the current step (the
+        changed ones written to the stage), until ``n_bytes`` more fit.
+        Shards of the current step stay: with ids spread over the whole
+        table, the step's shards would evict each other, so the ones that
+        do not fit are used in their files instead."""
+        cache = self.cache
+        for key in cache.keys_of(self.prefix):
+            if cache.held_bytes + n_bytes <= cache.limit_bytes:
+                return
+            used = self._mine.get(key)
+            if used is None:
+                cache.pop_clean(key)  # another rank's changed shard stays
+                continue
+            if used >= self.tick:
+                continue
+            entry = cache.pop(key)
+            self._mine.pop(key, None)
+            if entry is not None and entry.dirty:
+                self._write(key[-2], key[-1], entry)
+            self.traffic.evictions += 1
+
     def flush(
         self, owns: Callable[[str, int], bool] | None = None
     ) -> dict[str, list[int]]:
@@ -465,12 +505,17 @@ class ShardServer:
         entry = self.cache.get(key, self.valid)
         if entry is not None:
             self.traffic.hits += 1
-            self._mine[key] = None
+            self._mine[key] = self.tick
             return entry
         self.traffic.misses += 1
         layout = self.layouts[table]
         nbytes = layout.shard_nbytes
         if self.root is not None:
+            if self.cache.held_bytes + nbytes > self.cache.limit_bytes:
+                # Shards no earlier than this step make room; if that is
+                # not enough (a step touches more than the cache holds),
+                # this shard's rows are used in its file.
+                self._evict_idle(nbytes)
             if self.cache.held_bytes + nbytes > self.cache.limit_bytes:
                 return None
         else:
@@ -489,7 +534,7 @@ class ShardServer:
         self.traffic.shards_read += 1
         entry = _Shard(arrays, (self.token, step), got)
         self.cache.put(key, entry)
-        self._mine[key] = None
+        self._mine[key] = self.tick
         return entry
 
     # -- rows in files (local stores) ---------

@@ -500,6 +500,7 @@ class _TableProgram:
                         )
             params, state = new_params, new_state
             n_done += 1
+            self.server.next_step()
             self.server.make_room(0)
             if rows_out is not None:
                 now = time.monotonic()

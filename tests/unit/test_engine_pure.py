@@ -455,6 +455,7 @@ def test_rank_payloads_cross_the_wire_unchanged(n: int) -> None:
         open_payload(loads(dumps({"p": strided}))["p"])["a"], np.arange(2 * n)[::2]
     )
     rows, values, shape = got["sparse"][0][5]["t"]
+    np.testing.assert_array_equal(rows, np.arange(5))
     np.testing.assert_array_equal(values, payload["sparse"][0][5]["t"][1])
     assert list(shape) == [9, 2] and list(got["nodes"][0][:4]) == [0, 3, 1.5, 7]
     np.testing.assert_array_equal(got["req"]["user"], payload["req"]["user"])

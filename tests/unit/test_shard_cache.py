@@ -169,3 +169,69 @@ def test_only_owned_shards_take_the_stage_label(tmp_path: Path) -> None:
     )
     kept = {k[-1] for k in cache.keys_of(three.prefix) if k[-2] == "user"}
     assert kept == set(range(0, user.n_shards, 2))
+
+
+def _serve_in_order(
+    ps: ParamStore, layouts: list, stage: int, cap: int, *, advance: bool
+) -> tuple[list[np.ndarray], ShardServer]:
+    """Steps that each touch one shard, shard after shard (ids grouped as
+    in a store sorted by user), twice over."""
+    ps.prepare_version(stage, layouts)
+    by_name = {t.name: t for t in layouts}
+    user = by_name["user"]
+    server = ShardServer(
+        ShardCache(cap_bytes=cap),
+        ParamStoreRef.from_user(ps.path),
+        by_name,
+        1,
+        stage,
+        "fit",
+        frozenset({1}),
+    )
+    opt = dt.optim.Adagrad(0.5, initial_accumulator=0.1)
+    dense = dt.models.MatrixFactorization(N_ROWS, 10, WIDTH - 1).init_dense(
+        np.random.default_rng(0)
+    )
+    gstate = {
+        k: v
+        for k, v in opt.init(dense).items()
+        if not any(k.endswith("." + name) for name in dense)
+    }
+    rng = np.random.default_rng(3)
+    served = []
+    for shard in [*range(user.n_shards), *range(user.n_shards)]:
+        a, b = user.bounds(shard)
+        ids = np.unique(rng.integers(a, b, 40))
+        served.append(server.rows("user", ids))
+        server.update("user", ids, rng.normal(size=(ids.shape[0], WIDTH)), opt, gstate)
+        if advance:
+            server.next_step()
+        server.make_room(0)
+    served.append(server.rows("user", np.arange(N_ROWS)))
+    server.flush()
+    return served, server
+
+
+def test_a_full_cache_makes_room_with_shards_of_earlier_steps(tmp_path: Path) -> None:
+    """Room for two shards, one shard per step: each step's shard is loaded
+    into the cache, the least recently used shard of an earlier step leaving
+    it (written to the stage when changed), instead of the new shard's rows
+    being used in its file; shards of the current step never make room.
+    The bits are those of an unbounded cache either way."""
+    ps, layouts = _store(tmp_path / "run.zarr")
+    user = next(t for t in layouts if t.name == "user")
+    warm, _ = _serve_in_order(ps, layouts, stage_step(7, 1), 1 << 30, advance=True)
+    cap = 2 * user.shard_nbytes
+    moving, server = _serve_in_order(ps, layouts, stage_step(7, 2), cap, advance=True)
+    for a, b in zip(warm, moving, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert server.cache.held_bytes <= cap
+    # Every step's shard went through the cache: loaded each time it came.
+    assert server.traffic.shards_read >= 2 * user.n_shards
+    assert server.traffic.evictions >= 2 * user.n_shards - 2
+    # Without steps ending, the first two shards stay and the rest are
+    # used in their files.
+    stuck, same = _serve_in_order(ps, layouts, stage_step(7, 3), cap, advance=False)
+    for a, b in zip(warm, stuck, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert same.traffic.shards_read == 2
