@@ -432,11 +432,16 @@ class ShardServer:
                 break
             if key not in self._mine:
                 continue
-            entry = cache.pop(key)
-            self._mine.pop(key, None)
-            if entry is not None and entry.dirty:
-                self._write(key[-2], key[-1], entry)
-            self.traffic.evictions += 1
+            self._evict(key)
+
+    def _evict(self, key: tuple[Any, ...]) -> None:
+        """Drop this rank's shard ``key`` from the cache, written to the stage
+        first if changed."""
+        entry = self.cache.pop(key)
+        self._mine.pop(key, None)
+        if entry is not None and entry.dirty:
+            self._write(key[-2], key[-1], entry)
+        self.traffic.evictions += 1
 
     def next_step(self) -> None:
         """The rank's step is over: the shards it used may now make room
@@ -460,11 +465,7 @@ class ShardServer:
                 continue
             if used >= self.tick:
                 continue
-            entry = cache.pop(key)
-            self._mine.pop(key, None)
-            if entry is not None and entry.dirty:
-                self._write(key[-2], key[-1], entry)
-            self.traffic.evictions += 1
+            self._evict(key)
 
     def flush(
         self, owns: Callable[[str, int], bool] | None = None

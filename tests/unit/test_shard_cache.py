@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -67,9 +68,11 @@ def _store(path: Path) -> tuple[ParamStore, list[dt.params.tables.TableLayout]]:
     return ps, layouts
 
 
-def _serve(
-    ps: ParamStore, layouts: list, stage: int, cap: int, steps: int
-) -> tuple[list[np.ndarray], dict[str, list[int]], ShardServer]:
+def _server(
+    ps: ParamStore, layouts: list, stage: int, cap: int
+) -> tuple[ShardServer, Any, dict[str, np.ndarray]]:
+    """A rank's server of ``stage`` with a ``cap``-byte cache, its Adagrad
+    and the optimizer's global state."""
     ps.prepare_version(stage, layouts)
     server = ShardServer(
         ShardCache(cap_bytes=cap),
@@ -89,6 +92,13 @@ def _serve(
         for k, v in opt.init(dense).items()
         if not any(k.endswith("." + name) for name in dense)
     }
+    return server, opt, gstate
+
+
+def _serve(
+    ps: ParamStore, layouts: list, stage: int, cap: int, steps: int
+) -> tuple[list[np.ndarray], dict[str, list[int]], ShardServer]:
+    server, opt, gstate = _server(ps, layouts, stage, cap)
     rng = np.random.default_rng(2)
     served = []
     for _ in range(steps):
@@ -176,27 +186,8 @@ def _serve_in_order(
 ) -> tuple[list[np.ndarray], ShardServer]:
     """Steps that each touch one shard, shard after shard (ids grouped as
     in a store sorted by user), twice over."""
-    ps.prepare_version(stage, layouts)
-    by_name = {t.name: t for t in layouts}
-    user = by_name["user"]
-    server = ShardServer(
-        ShardCache(cap_bytes=cap),
-        ParamStoreRef.from_user(ps.path),
-        by_name,
-        1,
-        stage,
-        "fit",
-        frozenset({1}),
-    )
-    opt = dt.optim.Adagrad(0.5, initial_accumulator=0.1)
-    dense = dt.models.MatrixFactorization(N_ROWS, 10, WIDTH - 1).init_dense(
-        np.random.default_rng(0)
-    )
-    gstate = {
-        k: v
-        for k, v in opt.init(dense).items()
-        if not any(k.endswith("." + name) for name in dense)
-    }
+    server, opt, gstate = _server(ps, layouts, stage, cap)
+    user = server.layouts["user"]
     rng = np.random.default_rng(3)
     served = []
     for shard in [*range(user.n_shards), *range(user.n_shards)]:
