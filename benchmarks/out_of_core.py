@@ -311,6 +311,14 @@ def run_limit(args: argparse.Namespace, memory_limit: str) -> dict[str, Any]:
     )
     pauses = sum(int(b["pauses"]) for b in budgets.values())
     print(f"pauses seen by the memory budget: {pauses}")
+    for address, b in sorted(budgets.items()):
+        print(
+            f"budget of {address}: ceiling {b['ceiling'] / 2**20:.0f} MiB, "
+            f"baseline {b['baseline_rss'] / 2**20:.0f}, working set "
+            f"{b['working_set'] / 2**20:.0f}, other {b['other'] / 2**20:.0f}, "
+            f"held {b['held'] / 2**20:.0f}; evictions {b['evictions']}, "
+            f"trims {b['trims']}"
+        )
     ok = peak < limit and not restarts and not any(spilled.values()) and not pauses
     print("bounded memory: " + ("yes" if ok else "NO"))
     finite_hits = [h for h in hit if h == h]

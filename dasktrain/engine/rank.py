@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from dasktrain._tree import global_norm
-from dasktrain.data.io import DatasetRef
+from dasktrain.data.io import DatasetRef, read_peak_nbytes
 from dasktrain.engine.cache import ChunkCache, worker_cache
 from dasktrain.engine.comm import (
     ChannelTimeouts,
@@ -749,6 +749,7 @@ class _StepProgram(_Program):
                 chunk_nbytes(spec.ref, spec.model.fields),
                 worker_threads(),
                 held_per_thread=len(self.own),
+                read_bytes=read_peak_nbytes(spec.ref, spec.model.fields),
             )
         self.readers = {
             k: _SpanReader(

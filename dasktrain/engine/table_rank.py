@@ -38,10 +38,9 @@ from typing import Any
 import numpy as np
 
 from dasktrain._tree import global_norm
-from dasktrain.data.io import DatasetRef
+from dasktrain.data.io import DatasetRef, read_peak_nbytes
 from dasktrain.engine.budget import (
     COMPUTE_CHUNK_FACTOR,
-    READ_PEAK_FACTOR,
     worker_budget,
 )
 from dasktrain.engine.cache import worker_cache
@@ -223,18 +222,20 @@ class _TableProgram:
         cache = worker_cache()
         prefetch = prefetch_enabled()
         budget = worker_budget()
+        read = read_peak_nbytes(spec.ref, model.fields)
         if prefetch and cache is not None and cache.budget is not None:
             prefetch = cache.budget.fits_read_ahead(
                 chunk_nbytes(spec.ref, model.fields),
                 worker_threads(),
                 held_per_thread=len(self.own),
+                read_bytes=read,
             )
         # Per thread: its streams' chunks and one being read (as a dense
         # rank), and one shard being loaded while another is written out.
         threads = worker_threads()
         chunk = chunk_nbytes(spec.ref, model.fields)
         largest = max((t.shard_nbytes for t in spec.tables), default=0)
-        held = (len(self.own) + COMPUTE_CHUNK_FACTOR + READ_PEAK_FACTOR) * chunk
+        held = (len(self.own) + COMPUTE_CHUNK_FACTOR) * chunk + read
         self.budget = budget
         self.threads = threads
         self.fixed_set = threads * (held + 2 * largest)

@@ -19,7 +19,7 @@ import numpy as np
 from distributed import get_worker
 
 from dasktrain._tree import global_norm
-from dasktrain.data.io import DatasetRef, check_finite, read_chunk
+from dasktrain.data.io import DatasetRef, check_finite, read_chunk, read_peak_nbytes
 from dasktrain.engine.cache import ChunkCache, off_heap_chunk, worker_cache
 from dasktrain.engine.plan import Piece, row_permutation
 from dasktrain.errors import LabelError
@@ -351,7 +351,9 @@ class _ChunkStream:
         if prefetch and cache is not None and cache.budget is not None:
             # Read ahead only where the budget has room for a second read.
             prefetch = cache.budget.fits_read_ahead(
-                chunk_nbytes(ref, fields), worker_threads()
+                chunk_nbytes(ref, fields),
+                worker_threads(),
+                read_bytes=read_peak_nbytes(ref, fields),
             )
         self._prefetch = prefetch
         # _following[i]: the first chunk after position i that differs from

@@ -29,6 +29,7 @@ import numpy as np
 
 from dasktrain.callbacks import Callback
 from dasktrain.data import Dataset
+from dasktrain.data.io import read_peak_nbytes
 from dasktrain.engine.budget import MemoryPlan
 from dasktrain.engine.engine import Engine, PassResult
 from dasktrain.engine.plan import full_pass
@@ -190,6 +191,7 @@ class FitLoop:
         state = sum(int(a.nbytes) for a in self.run.opt_state.values())
         return MemoryPlan(
             chunk_bytes=chunk_nbytes(self.data.ref, self.model.fields),
+            read_bytes=read_peak_nbytes(self.data.ref, self.model.fields),
             held_chunks=self.held_chunks_per_thread(),
             # parameters, gradients and optimizer state, as a rank holds them
             state_bytes=2 * dense + state,
