@@ -280,8 +280,9 @@ class BudgetStats:
     evicted_bytes: int
     pauses: int
     trims: int
-    #: Lookups of the consumers that count them (the chunk cache), by
-    #: consumer: ``{"hits": ..., "misses": ...}`` since the process started.
+    #: Lookups of the consumers that count them (the chunk and shard
+    #: caches), by consumer: ``{"hits": ..., "misses": ...}`` since the
+    #: process started.
     reads_by: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -537,8 +538,8 @@ class MemoryBudget:
 
 def _reads_of(consumer: BudgetConsumer) -> dict[str, int] | None:
     """The hit and miss counters of a consumer that keeps them (integer
-    ``hits`` and ``misses`` attributes, as the chunk cache); ``None`` for one
-    that does not (the shard cache counts its traffic per rank, not here)."""
+    ``hits`` and ``misses`` attributes, as the chunk and shard caches);
+    ``None`` for one that does not."""
     hits = getattr(consumer, "hits", None)
     misses = getattr(consumer, "misses", None)
     if isinstance(hits, int) and isinstance(misses, int):
@@ -739,18 +740,42 @@ def address_order(address: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((1, int(p)) if p.isdigit() else (0, p) for p in parts if p)
 
 
+#: A worker's counters when the fit started: ``(hits, misses)`` by consumer,
+#: or, as before there were several, the chunk cache's ``(hits, misses)``.
+ReadsStart = Mapping[str, tuple[int, int]] | tuple[int, int]
+
+
+def _consumer_start(start: ReadsStart | None, consumer: str) -> tuple[int, int] | None:
+    """``consumer``'s counters in a worker's ``start`` (``None``: none)."""
+    if start is None:
+        return None
+    if isinstance(start, Mapping):
+        got = start.get(consumer)
+        return None if got is None else (int(got[0]), int(got[1]))
+    return (int(start[0]), int(start[1])) if consumer == CHUNK_CONSUMER else None
+
+
+def _reads_in_row(
+    report: Mapping[str, Any], start: ReadsStart | None, consumer: str
+) -> tuple[int, int]:
+    """``consumer``'s hits and misses in ``report`` since ``start``
+    (:func:`reads_since`); ``(0, 0)`` for a consumer that reports none."""
+    reads = report.get("reads_by", {}).get(consumer)
+    if reads is None:
+        return 0, 0
+    return reads_since(
+        int(reads["hits"]), int(reads["misses"]), _consumer_start(start, consumer)
+    )
+
+
 def _worker_row(
-    address: str, report: Mapping[str, Any], start: tuple[int, int] | None
+    address: str, report: Mapping[str, Any], start: ReadsStart | None
 ) -> dict[str, Any]:
     """One worker's line of a memory table (flat, plain numbers)."""
     limit = int(report["limit"])
     held_by = report.get("held_by", {})
-    reads = report.get("reads_by", {}).get(CHUNK_CONSUMER)
-    hits, misses = (
-        reads_since(int(reads["hits"]), int(reads["misses"]), start)
-        if reads is not None
-        else (0, 0)
-    )
+    hits, misses = _reads_in_row(report, start, CHUNK_CONSUMER)
+    shard_hits, shard_misses = _reads_in_row(report, start, SHARD_CONSUMER)
     return {
         "worker": address,
         "status": str(report.get("status", "")),
@@ -771,6 +796,9 @@ def _worker_row(
         "cache_hits": hits,
         "cache_misses": misses,
         "cache_hit_rate": _ratio(hits, hits + misses),
+        "shard_hits": shard_hits,
+        "shard_misses": shard_misses,
+        "shard_hit_rate": _ratio(shard_hits, shard_hits + shard_misses),
         "note": "",
     }
 
@@ -779,7 +807,7 @@ def memory_rows(
     reports: Mapping[str, Mapping[str, Any]],
     *,
     missing: Mapping[str, tuple[str, str]] | None = None,
-    start: Mapping[str, tuple[int, int]] | None = None,
+    start: Mapping[str, ReadsStart] | None = None,
 ) -> list[dict[str, Any]]:
     """A table of the workers' budgets: one flat row per worker, sorted by
     address (:func:`address_order`).
@@ -793,10 +821,13 @@ def memory_rows(
         :data:`NO_ANSWER_STATUS` or :data:`GONE_STATUS`.  Their rows have
         ``worker``, ``status`` and ``note`` only.
     start:
-        Each worker's chunk-cache ``(hits, misses)`` when the fit started:
-        ``cache_hits``, ``cache_misses`` and ``cache_hit_rate`` count from
-        there (:func:`reads_since`); a worker without a start counts from its
-        process's start.
+        Each worker's counters when the fit started, ``(hits, misses)`` by
+        consumer (``{"chunks": ..., "shards": ...}``; a bare ``(hits,
+        misses)`` is the chunk cache's): ``cache_hits``, ``cache_misses`` and
+        ``cache_hit_rate`` (chunk cache), ``shard_hits``, ``shard_misses``
+        and ``shard_hit_rate`` (shard cache) count from there
+        (:func:`reads_since`); a worker or consumer without a start counts
+        from its process's start.
 
     Returns
     -------
@@ -806,8 +837,9 @@ def memory_rows(
         and ``shards_bytes``, ``baseline_rss_bytes``, ``rss_bytes``,
         ``peak_rss_bytes``), ``rss_fraction`` and ``peak_rss_fraction`` of the
         limit, counters (``evictions``, ``evicted_bytes``, ``pauses``,
-        ``cache_hits``, ``cache_misses``), ``cache_hit_rate`` (NaN before
-        any lookup), ``status`` and ``note``.
+        ``cache_hits``, ``cache_misses``, ``shard_hits``, ``shard_misses``),
+        ``cache_hit_rate`` and ``shard_hit_rate`` (NaN before any lookup, as
+        in a fit without tables), ``status`` and ``note``.
 
     Examples
     --------
@@ -822,6 +854,8 @@ def memory_rows(
     [('tcp://w:1', 'no answer'), ('tcp://w:2', 'running')]
     >>> rows[1]["cache_hit_rate"], rows[1]["peak_rss_fraction"]
     (0.75, 0.6)
+    >>> rows[1]["shard_hit_rate"]   # no shard lookups: a fit without tables
+    nan
     """
     start = start or {}
     rows = [_worker_row(a, r, start.get(a)) for a, r in reports.items()]

@@ -35,7 +35,6 @@ from distributed.comm.core import CommClosedError
 
 from dasktrain.data.io import DatasetRef
 from dasktrain.engine.budget import (
-    CHUNK_CONSUMER,
     GONE_STATUS,
     NO_ANSWER_STATUS,
     MemoryPlan,
@@ -175,9 +174,9 @@ class Engine:
         #: for one asked that did not answer and one that answered the time
         #: before and has left since (:meth:`memory_summary`).
         self.last_memory_missing: dict[str, tuple[str, str]] = {}
-        #: Each worker's chunk-cache (hits, misses) when the fit started
-        #: (:meth:`mark_fit_start`).
-        self._reads_at_start: dict[str, tuple[int, int]] = {}
+        #: Each worker's cache counters when the fit started, ``(hits,
+        #: misses)`` by consumer (chunk and shard caches; :meth:`mark_fit_start`).
+        self._reads_at_start: dict[str, dict[str, tuple[int, int]]] = {}
         self._workers: list[WorkerInfo] = []
         self._workers_at = -np.inf
         self._owners: dict[
@@ -366,17 +365,17 @@ class Engine:
         return reports
 
     def mark_fit_start(self) -> None:
-        """Take the chunk-cache counters of :attr:`last_memory` (asked by
-        :meth:`check_memory` when a fit starts) as the start of the hit rates
-        of :meth:`memory_table`."""
+        """Take the cache counters of :attr:`last_memory` (asked by
+        :meth:`check_memory` when a fit starts), of the chunk cache and of the
+        shard cache, as the start of the hit rates of :meth:`memory_table`."""
         self._reads_at_start = {}
         for address, report in self.last_memory.items():
-            reads = report.get("reads_by", {}).get(CHUNK_CONSUMER)
-            if reads is not None:
-                self._reads_at_start[address] = (
-                    int(reads["hits"]),
-                    int(reads["misses"]),
-                )
+            counters = {
+                consumer: (int(reads["hits"]), int(reads["misses"]))
+                for consumer, reads in report.get("reads_by", {}).items()
+            }
+            if counters:
+                self._reads_at_start[address] = counters
 
     def memory_table(self) -> list[dict[str, Any]]:
         """The budgets as last asked (:meth:`memory_summary`,

@@ -167,6 +167,13 @@ class ShardCache:
     budget may take memory back at any time (:meth:`shrink_to`): unchanged
     shards are dropped at once; changed ones stay until their owner writes
     them out at its next step (:meth:`ShardServer.make_room`).
+
+    ``hits`` and ``misses`` count the ranks' lookups of shards they need
+    (:meth:`lookup`) since the cache was made, that is for a worker's cache
+    since its process started: a hit finds a valid copy in memory, a miss
+    does not (the shard is loaded from the store, or its rows are used in
+    its file).  The budget reports them
+    (:attr:`~dasktrain.engine.budget.BudgetStats.reads_by`).
     """
 
     NAME = "shards"
@@ -180,6 +187,8 @@ class ShardCache:
         self._data: OrderedDict[tuple[Any, ...], _Shard] = OrderedDict()
         self._n_bytes = 0
         self.evictions = 0
+        self.hits = 0
+        self.misses = 0
         if budget is not None:
             budget.register(self.NAME, self)
 
@@ -217,6 +226,18 @@ class ShardCache:
                 self._pop(key)
                 return None
             self._data.move_to_end(key)
+            return entry
+
+    def lookup(self, key: tuple[Any, ...], labels: Collection[Label]) -> _Shard | None:
+        """:meth:`get` for a rank that needs shard ``key``, counted as a hit
+        or a miss (:meth:`get` alone counts nothing: a rank going over the
+        shards it holds is not looking any up)."""
+        with self.lock:
+            entry = self.get(key, labels)
+            if entry is None:
+                self.misses += 1
+            else:
+                self.hits += 1
             return entry
 
     def put(self, key: tuple[Any, ...], entry: _Shard) -> None:
@@ -503,7 +524,7 @@ class ShardServer:
         """The cached shard, loaded if there is room; ``None``: a shard of a
         local store that does not fit, whose rows are used in its file."""
         key = self.key(table, shard)
-        entry = self.cache.get(key, self.valid)
+        entry = self.cache.lookup(key, self.valid)
         if entry is not None:
             self.traffic.hits += 1
             self._mine[key] = self.tick

@@ -382,6 +382,9 @@ MEMORY_COLUMNS = (
     "cache_hits",
     "cache_misses",
     "cache_hit_rate",
+    "shard_hits",
+    "shard_misses",
+    "shard_hit_rate",
     "note",
 )
 _TEXT_COLUMNS = frozenset({"worker", "status", "note"})
@@ -520,6 +523,7 @@ _MEMORY_CELLS: tuple[tuple[str, str], ...] = (
     ("evictions", "evictions"),
     ("pauses", "pauses"),
     ("chunk-cache hit rate", "cache_hit_rate"),
+    ("shard-cache hit rate", "shard_hit_rate"),
 )
 _CELL_STYLE = "padding:1px 6px;text-align:right;border-bottom:1px solid #ddd"
 _TEXT_CELL_STYLE = "padding:1px 6px;text-align:left;border-bottom:1px solid #ddd"
@@ -532,7 +536,7 @@ def _cell(columns: Mapping[str, list[Any]], name: str, i: int) -> str:
         return _with_fraction(value, columns["rss_fraction"][i])
     if name == "peak_rss_bytes":
         return _with_fraction(value, columns["peak_rss_fraction"][i])
-    if name == "cache_hit_rate":
+    if name in ("cache_hit_rate", "shard_hit_rate"):
         return _format(value, ".1%")
     if name.endswith("_bytes"):
         return _size(value)
@@ -560,7 +564,7 @@ def memory_html(table: MemoryTable | None) -> str:
     lines = [
         f"<b>Workers</b> at the end of epoch {esc(str(table.epoch))} "
         f"(step {esc(str(table.step))}): memory budget, what dasktrain keeps, "
-        f"RSS; chunk-cache hit rate since the fit started",
+        f"RSS; chunk- and shard-cache hit rates since the fit started",
         '<table style="border-collapse:collapse;font-size:12px">',
         "<thead><tr>"
         + "".join(f'<th style="{_TEXT_CELL_STYLE}">{esc(h)}</th>' for h in heads)

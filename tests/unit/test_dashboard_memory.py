@@ -24,6 +24,7 @@ from dasktrain.engine.budget import (
 )
 from dasktrain.engine.cache import ChunkCache
 from dasktrain.engine.engine import Engine
+from dasktrain.engine.shard_cache import ShardCache, _Shard
 from dasktrain.monitor.dashboard import (
     MEMORY_COLUMNS,
     dashboard_data,
@@ -42,10 +43,15 @@ def report(
     shards: int = 0,
     hits: int = 0,
     misses: int = 0,
+    shard_reads: tuple[int, int] | None = None,
     status: str = "running",
 ) -> dict[str, Any]:
-    """A worker_memory_report as a worker sends it (only the fields used)."""
+    """A worker_memory_report as a worker sends it (only the fields used);
+    ``shard_reads``: the shard cache's (hits, misses), if it has any."""
     held_by = {"chunks": chunks} if not shards else {"chunks": chunks, "shards": shards}
+    reads_by: dict[str, dict[str, int]] = {"chunks": {"hits": hits, "misses": misses}}
+    if shard_reads is not None:
+        reads_by["shards"] = {"hits": shard_reads[0], "misses": shard_reads[1]}
     return {
         "limit": limit,
         "ceiling": int(0.65 * limit),
@@ -59,7 +65,7 @@ def report(
         "evicted_bytes": 30 * MiB,
         "pauses": 1,
         "status": status,
-        "reads_by": {"chunks": {"hits": hits, "misses": misses}},
+        "reads_by": reads_by,
     }
 
 
@@ -88,6 +94,37 @@ def test_hit_rate_of_a_row() -> None:
     assert memory_rows({"a": no_counts})[0]["cache_hits"] == 0
 
 
+def test_shard_hit_rate_of_a_row() -> None:
+    worker = report(hits=130, misses=20, shard_reads=(70, 30))
+    rows = memory_rows(
+        {"tcp://a:1": worker},
+        start={"tcp://a:1": {"chunks": (100, 10), "shards": (40, 20)}},
+    )
+    row = rows[0]
+    assert (row["shard_hits"], row["shard_misses"]) == (30, 10)
+    assert row["shard_hit_rate"] == pytest.approx(0.75)
+    assert (row["cache_hits"], row["cache_misses"]) == (30, 10)
+    # A start without the shard cache's counters (made later in the fit):
+    # the counters of the process.
+    row = memory_rows({"a": worker}, start={"a": {"chunks": (100, 10)}})[0]
+    assert (row["shard_hits"], row["shard_misses"]) == (70, 30)
+    assert row["cache_hit_rate"] == pytest.approx(0.75)
+    # The old start, the chunk cache's (hits, misses) alone.
+    row = memory_rows({"a": worker}, start={"a": (100, 10)})[0]
+    assert (row["cache_hits"], row["cache_misses"]) == (30, 10)
+    assert row["shard_hit_rate"] == pytest.approx(0.7)
+    # A restarted process counts from its own start.
+    row = memory_rows(
+        {"a": report(shard_reads=(3, 1))}, start={"a": {"shards": (40, 20)}}
+    )[0]
+    assert row["shard_hit_rate"] == pytest.approx(0.75)
+    # No shard lookups (a fit without tables): NaN, not 0.
+    assert math.isnan(memory_rows({"a": report(hits=1, misses=3)})[0]["shard_hit_rate"])
+    since = memory_rows({"a": worker}, start={"a": {"shards": (70, 30)}})[0]
+    assert (since["shard_hits"], since["shard_misses"]) == (0, 0)
+    assert math.isnan(since["shard_hit_rate"])
+
+
 def test_the_budget_reports_the_chunk_cache_lookups() -> None:
     budget = MemoryBudget(
         MemoryLimits(2**30, 0.6, 0.7, 0.8, 0.95), baseline_rss=100 * MiB
@@ -108,6 +145,26 @@ def test_the_budget_reports_the_chunk_cache_lookups() -> None:
     stats = budget.stats().to_dict()
     assert stats["reads_by"] == {"chunks": {"hits": 2, "misses": 1}}
     assert stats["held_by"] == {"chunks": 10, "shards": 7}
+
+
+def test_the_budget_reports_the_shard_cache_lookups() -> None:
+    budget = MemoryBudget(
+        MemoryLimits(2**30, 0.6, 0.7, 0.8, 0.95), baseline_rss=100 * MiB
+    )
+    cache = ShardCache(budget)
+    valid, other = ("fit", 1), ("fit", 2)
+    assert cache.lookup(("s", "user", 0), {valid}) is None  # not loaded yet
+    cache.put(("s", "user", 0), _Shard({}, valid, 8))
+    assert cache.lookup(("s", "user", 0), {valid}) is not None
+    assert cache.lookup(("s", "user", 0), {valid}) is not None
+    # A copy of another version is no hit (and is dropped).
+    assert cache.lookup(("s", "user", 0), {other}) is None
+    # Going over held shards (get) is no lookup.
+    cache.get(("s", "user", 0), {valid})
+    reads = budget.stats().to_dict()["reads_by"]
+    assert reads == {"shards": {"hits": 2, "misses": 2}}
+    rows = memory_rows({"w": {**report(), "reads_by": reads}})
+    assert rows[0]["shard_hit_rate"] == pytest.approx(0.5)
 
 
 # -- rows ------------------------------------------------------------------------
@@ -203,6 +260,33 @@ def test_engine_marks_silent_and_departed_workers() -> None:
     assert set(rows) == {"a", "c"} and rows["c"]["status"] == GONE_STATUS
 
 
+def test_engine_counts_shard_lookups_from_the_fit_start() -> None:
+    engine = Engine(_FakeClient())  # type: ignore[arg-type]
+    answers = [
+        {"a": report(hits=10, misses=10, shard_reads=(5, 5)), "b": report()},
+        {
+            "a": report(hits=40, misses=20, shard_reads=(35, 15)),
+            "b": report(shard_reads=(1, 3)),  # its shard cache made in the fit
+        },
+    ]
+
+    def reports(
+        workers: object = None, *, left_out: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        return answers.pop(0)
+
+    engine.memory_reports = reports  # type: ignore[method-assign]
+    engine.memory_summary()
+    engine.mark_fit_start()
+    engine.memory_summary()
+    rows = {r["worker"]: r for r in engine.memory_table()}
+    assert (rows["a"]["shard_hits"], rows["a"]["shard_misses"]) == (30, 10)
+    assert rows["a"]["shard_hit_rate"] == pytest.approx(0.75)
+    assert rows["a"]["cache_hit_rate"] == pytest.approx(30 / 40)
+    assert rows["b"]["shard_hit_rate"] == pytest.approx(0.25)
+    assert math.isnan(rows["b"]["cache_hit_rate"])
+
+
 # -- events -> dashboard columns -----------------------------------------------
 def _event(store: str, step: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"store": store, "step": step, "epoch": step // 3, "workers": rows}
@@ -260,7 +344,7 @@ def test_memory_html_has_one_row_per_worker_and_escapes_everything() -> None:
     hostile = "<script>alert(1)</script>"
     rows = memory_rows(
         {
-            "tcp://w:1": report(hits=3, misses=1, shards=10 * MiB),
+            "tcp://w:1": report(hits=3, misses=1, shards=10 * MiB, shard_reads=(9, 1)),
             f"tcp://{hostile}:2": report(status=f"paused{hostile}"),
         },
         missing={"tcp://w:3": (NO_ANSWER_STATUS, f"no answer {hostile} & <b>")},
@@ -287,10 +371,15 @@ def test_memory_html_has_one_row_per_worker_and_escapes_everything() -> None:
         "10.0 MiB",
     ]
     assert cells[8:10] == ["450 MiB (45%)", "500 MiB (50%)"]
-    assert cells[10:] == ["3", "1", "75.0%"]
+    assert cells[10:] == ["3", "1", "75.0%", "90.0%"]
+    # No shard lookups (no tables): n/a, as the chunk column before any.
+    other = re.findall(r"<td[^>]*>(.*?)</td>", by_row[0])
+    assert other[-2:] == ["n/a", "n/a"]
+    heads = re.findall(r"<th[^>]*>(.*?)</th>", text)
+    assert heads[-2:] == ["chunk-cache hit rate", "shard-cache hit rate"]
     # The silent worker: why, across the numbers' columns.
     silent = by_row[2]
-    assert 'colspan="11"' in silent and NO_ANSWER_STATUS in silent
+    assert 'colspan="12"' in silent and NO_ANSWER_STATUS in silent
     assert memory_html(None) == ""
 
 

@@ -226,3 +226,46 @@ def test_a_full_cache_makes_room_with_shards_of_earlier_steps(tmp_path: Path) ->
     for a, b in zip(warm, stuck, strict=True):
         np.testing.assert_array_equal(a, b)
     assert same.traffic.shards_read == 2
+
+
+def test_the_cache_counts_a_ranks_lookups_of_shards(tmp_path: Path) -> None:
+    """A shard a rank needs is a miss the first time (loaded from the store),
+    a hit while it stays in memory, a miss again once the budget has taken
+    it back; each shard of a request counts once, and going over the
+    shards it holds (the segment's end) counts nothing."""
+    ps, layouts = _store(tmp_path / "run.zarr")
+    user = next(t for t in layouts if t.name == "user")
+    server, opt, gstate = _server(ps, layouts, stage_step(9, 1), 1 << 30)
+    cache = server.cache
+    in_0 = np.arange(5)
+    assert (cache.hits, cache.misses) == (0, 0)
+    server.rows("user", in_0)
+    assert (cache.hits, cache.misses) == (0, 1)
+    server.rows("user", in_0)
+    assert (cache.hits, cache.misses) == (1, 1)
+    cache.shrink_to(0)  # the budget takes the (unchanged) shard back
+    server.rows("user", in_0)
+    assert (cache.hits, cache.misses) == (1, 2)
+    # Rows of shards 0, 1 and 2: one lookup each (shard 0 held, 1, 2 loaded).
+    ids = np.array([1, user.shard_rows, 2 * user.shard_rows + 3])
+    server.rows("user", ids)
+    assert (cache.hits, cache.misses) == (2, 4)
+    server.update("user", ids, np.ones((3, WIDTH)), opt, gstate)
+    assert (cache.hits, cache.misses) == (5, 4)
+    server.flush()
+    server.discard()
+    assert (cache.hits, cache.misses) == (5, 4)
+    assert (server.traffic.hits, server.traffic.misses) == (5, 4)
+
+
+def test_a_shard_used_in_its_file_is_a_miss_every_time(tmp_path: Path) -> None:
+    """No room: the shard's rows are read and written in its file, never
+    found in memory."""
+    ps, layouts = _store(tmp_path / "run.zarr")
+    server, opt, gstate = _server(ps, layouts, stage_step(9, 2), 0)
+    ids = np.arange(3)
+    server.rows("user", ids)
+    server.update("user", ids, np.ones((3, WIDTH)), opt, gstate)
+    server.rows("user", ids)
+    assert (server.cache.hits, server.cache.misses) == (0, 3)
+    assert server.cache.held_bytes == 0
