@@ -1272,7 +1272,7 @@ class Trainer:
         """Each worker's memory budget: its limit and ceiling, what dasktrain
         keeps there (``held``, by consumer in ``held_by``) and may keep
         (``capacity``), RSS now and at peak, evictions and pauses, and the
-        chunk cache's lookups since the worker started (``reads_by``).
+        chunk and shard caches' lookups since the worker started (``reads_by``).
 
         Examples
         --------
