@@ -35,7 +35,7 @@ import re
 import threading
 import uuid as uuidlib
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -1207,6 +1207,11 @@ class _Handle:
     lean: _LeanPlan | None = None
 
 
+#: ``empty(shape, dtype)``: allocates a decoded chunk's output array
+#: (:func:`read_chunk`).
+EmptyArray = Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray]
+
+
 @dataclass(frozen=True)
 class _LeanPlan:
     """How to decode a stored chunk straight into its output: the layout
@@ -1254,13 +1259,16 @@ def _lean_plan(array: zarr.Array) -> _LeanPlan | None:
     return _LeanPlan(compressor, chunk_shape, dtype)
 
 
-def _lean_decode(path: str, plan: _LeanPlan, n_rows: int) -> np.ndarray:
+def _lean_decode(
+    path: str, plan: _LeanPlan, n_rows: int, empty: EmptyArray | None = None
+) -> np.ndarray:
     """Decode the chunk file ``path`` straight into the output array: the
     stored bytes and the output are the only copies alive (zarr also keeps a
     decoded buffer that it copies into its output), and one copy less is
     made.  The output is an ordinary heap array, whose pages the allocator
     reuses from read to read (a fresh memory map would cost page faults on
-    every read)."""
+    every read), unless ``empty`` is given: it then allocates the output of a
+    full chunk (e.g. in the memory the cache will keep it in)."""
     with open(path, "rb", buffering=0) as f:
         stored = f.read()
     if len(stored) < 4:
@@ -1273,7 +1281,10 @@ def _lean_decode(path: str, plan: _LeanPlan, n_rows: int) -> np.ndarray:
             f"stored and computed checksum do not match (stored {expected:#010x}, "
             f"computed {computed:#010x})"
         )
-    out = np.empty(plan.chunk_shape, dtype=plan.dtype)
+    if empty is not None and n_rows == plan.chunk_shape[0]:
+        out = empty(plan.chunk_shape, plan.dtype)
+    else:
+        out = np.empty(plan.chunk_shape, dtype=plan.dtype)
     if plan.compressor == "none":
         if body.nbytes != out.nbytes:
             raise ValueError(f"{body.nbytes} stored bytes, expected {out.nbytes}")
@@ -1360,7 +1371,9 @@ def _get_handle(ref: DatasetRef, field: str) -> _Handle:
     return handle
 
 
-def read_chunk(ref: DatasetRef, field: str, chunk_id: int) -> np.ndarray:
+def read_chunk(
+    ref: DatasetRef, field: str, chunk_id: int, *, empty: EmptyArray | None = None
+) -> np.ndarray:
     """Read and decode one row chunk of one array.
 
     Thread-safe.  Opened array handles are cached per process (LRU of
@@ -1378,6 +1391,10 @@ def read_chunk(ref: DatasetRef, field: str, chunk_id: int) -> np.ndarray:
         Array name, e.g. ``"X"``.
     chunk_id : int
         Store chunk index; rows ``ref.chunk_bounds(chunk_id)``.
+    empty : callable, optional
+        ``empty(shape, dtype)`` allocates the output where dasktrain decodes
+        the chunk itself (a full chunk of a local store in its layout, with no
+        transform); elsewhere the output is an ordinary array.
 
     Returns
     -------
@@ -1402,7 +1419,7 @@ def read_chunk(ref: DatasetRef, field: str, chunk_id: int) -> np.ndarray:
     if ref.sources:
         values = _read_source_chunk(ref, field, chunk_id)
     else:
-        values = _read_stored_chunk(ref, field, chunk_id)
+        values = _read_stored_chunk(ref, field, chunk_id, empty=empty)
     for name, affine in ref.transforms:
         if name == field:
             values = affine.apply(values)
@@ -1440,7 +1457,9 @@ def read_peak_nbytes(ref: DatasetRef, fields: Sequence[str]) -> int:
     return int(total)
 
 
-def _read_stored_chunk(ref: DatasetRef, field: str, chunk_id: int) -> np.ndarray:
+def _read_stored_chunk(
+    ref: DatasetRef, field: str, chunk_id: int, *, empty: EmptyArray | None = None
+) -> np.ndarray:
     """One chunk of a store in dasktrain's layout (see :func:`read_chunk`)."""
     info = ref.field(field)
     start, stop = ref.chunk_bounds(chunk_id)
@@ -1464,7 +1483,10 @@ def _read_stored_chunk(ref: DatasetRef, field: str, chunk_id: int) -> np.ndarray
     try:
         data: Any
         if lean is not None and stop - start <= lean.chunk_shape[0]:
-            data = _lean_decode(chunk_path, lean, stop - start)
+            transformed = any(name == field for name, _ in ref.transforms)
+            data = _lean_decode(
+                chunk_path, lean, stop - start, None if transformed else empty
+            )
         else:
             data = handle.array[start:stop]
     except Exception as exc:

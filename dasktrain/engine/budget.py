@@ -72,8 +72,10 @@ __all__ = [
     "MemoryLimits",
     "MemoryPlan",
     "address_order",
+    "is_off_heap",
     "memory_rows",
     "off_heap_copy",
+    "off_heap_empty",
     "process_rss",
     "reads_since",
     "refuse_unfit_plan",
@@ -154,6 +156,37 @@ def anonymous_map(n_bytes: int) -> mmap.mmap:
         with contextlib.suppress(OSError):
             buffer.madvise(advice)
     return buffer
+
+
+def off_heap_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialized array in its own anonymous memory map
+    (:func:`anonymous_map`): where a chunk that the cache will keep is
+    decoded, so that it needs no copy into the cache afterwards."""
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    n_bytes = count * dtype.itemsize
+    if n_bytes == 0:
+        return np.empty(shape, dtype=dtype)
+    buffer = anonymous_map(n_bytes)
+    return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)
+
+
+def is_off_heap(array: np.ndarray) -> bool:
+    """Whether ``array``'s memory is an anonymous map of its own
+    (:func:`off_heap_empty`, :func:`off_heap_copy`) rather than the heap.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> is_off_heap(np.zeros(4)), is_off_heap(off_heap_copy(np.zeros(4)))
+    (False, True)
+    """
+    base: Any = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return isinstance(base, mmap.mmap)
 
 
 def off_heap_copy(array: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ from dasktrain.engine.budget import (
     BudgetPlugin,
     MemoryBudget,
     budget_of,
+    is_off_heap,
     off_heap_copy,
     worker_budget,
 )
@@ -151,6 +152,21 @@ class ChunkCache:
             self._data.move_to_end(key)
             self.hits += 1
             return value
+
+    def would_admit(
+        self, key: Hashable, n_bytes: int, *, group: Hashable = None
+    ) -> bool:
+        """Whether :meth:`put` of ``n_bytes`` under ``key`` would be admitted
+        now (a value already held is replaced); what the reader asks before
+        it decodes a chunk straight into memory the cache will keep.  Other
+        threads may change the answer before the value is put."""
+        budget_bytes = self.budget_bytes
+        if n_bytes > budget_bytes:
+            return False
+        with self._lock:
+            if key in self._data:
+                return True
+            return self._room(n_bytes, group, budget_bytes)
 
     def _room(self, n_bytes: int, group: Hashable, budget_bytes: int) -> bool:
         """Whether ``n_bytes`` fit once other groups' entries are evicted."""
@@ -384,11 +400,17 @@ def worker_cache() -> ChunkCache:
 
 def off_heap_chunk(value: Any) -> Any:
     """An off-heap copy of a decoded chunk (anything with ``arrays`` and
-    ``valid``, as :class:`~dasktrain.engine.tasks.LoadedChunk`) for the cache."""
+    ``valid``, as :class:`~dasktrain.engine.tasks.LoadedChunk`) for the cache;
+    arrays already decoded into maps of their own are kept as they are."""
     import dataclasses
 
-    arrays = {name: off_heap_copy(a) for name, a in value.arrays.items()}
-    valid = None if value.valid is None else off_heap_copy(value.valid)
+    arrays = {
+        name: a if is_off_heap(a) else off_heap_copy(a)
+        for name, a in value.arrays.items()
+    }
+    valid = value.valid
+    if valid is not None and not is_off_heap(valid):
+        valid = off_heap_copy(valid)
     return dataclasses.replace(value, arrays=arrays, valid=valid)
 
 

@@ -19,7 +19,14 @@ import numpy as np
 from distributed import get_worker
 
 from dasktrain._tree import global_norm
-from dasktrain.data.io import DatasetRef, check_finite, read_chunk, read_peak_nbytes
+from dasktrain.data.io import (
+    DatasetRef,
+    EmptyArray,
+    check_finite,
+    read_chunk,
+    read_peak_nbytes,
+)
+from dasktrain.engine.budget import off_heap_empty
 from dasktrain.engine.cache import ChunkCache, off_heap_chunk, worker_cache
 from dasktrain.engine.plan import Piece, row_permutation
 from dasktrain.errors import LabelError
@@ -138,11 +145,16 @@ def _check_policy(nonfinite: str) -> None:
 
 
 def _read_checked(
-    ref: DatasetRef, fields: Sequence[str], chunk_id: int, nonfinite: str
+    ref: DatasetRef,
+    fields: Sequence[str],
+    chunk_id: int,
+    nonfinite: str,
+    empty: EmptyArray | None = None,
 ) -> LoadedChunk:
     """Read, decode and check one chunk (no cache, no logging): safe to run
-    in a background thread."""
-    arrays = {f: read_chunk(ref, f, chunk_id) for f in fields}
+    in a background thread.  ``empty`` allocates the decoded arrays where
+    dasktrain decodes them itself (:func:`~dasktrain.data.io.read_chunk`)."""
+    arrays = {f: read_chunk(ref, f, chunk_id, empty=empty) for f in fields}
     valid: np.ndarray | None = None
     if nonfinite == "raise":
         for f, a in arrays.items():
@@ -154,6 +166,28 @@ def _read_checked(
         if not mask.all():
             valid = mask
     return LoadedChunk(arrays, valid)
+
+
+def _kept_empty(
+    ref: DatasetRef,
+    fields: Sequence[str],
+    chunk_id: int,
+    nonfinite: str,
+    cache: ChunkCache | None,
+) -> EmptyArray | None:
+    """Where to decode a chunk: straight into an anonymous map of its own
+    when the cache (with a memory budget, which keeps chunks off the heap)
+    has room for it now, so that keeping it costs no copy; else ``None``
+    (the reused heap buffers)."""
+    if cache is None or cache.budget is None:
+        return None
+    if not cache.would_admit(
+        _chunk_key(ref, fields, chunk_id, nonfinite),
+        chunk_nbytes(ref, fields),
+        group=(ref.url, ref.uuid),
+    ):
+        return None
+    return off_heap_empty
 
 
 def _admit(
@@ -204,7 +238,8 @@ def load_chunk(
         hit = cache.get(_chunk_key(ref, fields, chunk_id, nonfinite))
         if hit is not None:
             return hit, True
-    loaded = _read_checked(ref, fields, chunk_id, nonfinite)
+    empty = _kept_empty(ref, fields, chunk_id, nonfinite, cache)
+    loaded = _read_checked(ref, fields, chunk_id, nonfinite, empty)
     _admit(ref, fields, chunk_id, nonfinite, loaded, cache)
     return loaded, False
 
@@ -422,10 +457,13 @@ class _ChunkStream:
         key = _chunk_key(self._ref, self._fields, chunk_id, self._nonfinite)
         if self._cache is not None and key in self._cache:
             return
+        empty = _kept_empty(
+            self._ref, self._fields, chunk_id, self._nonfinite, self._cache
+        )
         _GAUGE.up()
         try:
             future = _reader().submit(
-                _read_checked, self._ref, self._fields, chunk_id, self._nonfinite
+                _read_checked, self._ref, self._fields, chunk_id, self._nonfinite, empty
             )
         except BaseException:
             _GAUGE.down()

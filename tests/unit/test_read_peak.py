@@ -26,8 +26,12 @@ from dasktrain.engine.budget import (
     MemoryLimits,
     MemoryPlan,
     anonymous_map,
+    is_off_heap,
     off_heap_copy,
+    off_heap_empty,
 )
+from dasktrain.engine.cache import ChunkCache
+from dasktrain.engine.tasks import _ChunkStream, load_chunk
 
 MiB = 2**20
 ROWS, COLS, CHUNK = 8192, 64, 4096
@@ -133,3 +137,93 @@ def test_large_off_heap_copies_are_equal_and_independent() -> None:
     buffer = anonymous_map(HUGE_PAGE_MIN_BYTES)
     assert len(buffer) == HUGE_PAGE_MIN_BYTES and buffer[:8] == bytes(8)
     buffer.close()
+
+
+def _budgeted_cache(cap_bytes: int | None = None) -> ChunkCache:
+    budget = MemoryBudget(
+        MemoryLimits(2**30, 0.6, 0.7, 0.8, 0.95), baseline_rss=100 * MiB
+    )
+    return ChunkCache(budget=budget, cap_bytes=cap_bytes)
+
+
+def test_a_chunk_the_cache_keeps_is_decoded_into_its_map_not_copied(
+    tmp_path: Path,
+) -> None:
+    ds = _store(tmp_path / "d.zarr")
+    cache = _budgeted_cache()
+    x_bytes = CHUNK * COLS * 4
+    load_chunk(ds.ref, ("X", "y"), 0, cache=cache)  # open the handles
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        loaded, was_hit = load_chunk(ds.ref, ("X", "y"), 1, cache=cache)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not was_hit
+    # Decoded straight into anonymous maps: no chunk-sized heap buffer was
+    # ever alive (the stored bytes are lz4-compressed random floats, a bit
+    # under the decoded size), and the cache holds those very maps.
+    assert peak < 1.2 * x_bytes
+    assert all(is_off_heap(a) for a in loaded.arrays.values())
+    held, hit = load_chunk(ds.ref, ("X", "y"), 1, cache=cache)
+    assert hit and held.arrays["X"] is loaded.arrays["X"]
+    assert held.arrays["X"].tobytes() == read_chunk(ds.ref, "X", 1).tobytes()
+    assert held.arrays["y"].tobytes() == read_chunk(ds.ref, "y", 1).tobytes()
+
+
+def test_a_chunk_the_cache_has_no_room_for_is_decoded_on_the_heap(
+    tmp_path: Path,
+) -> None:
+    ds = _store(tmp_path / "d.zarr")
+    cache = _budgeted_cache(cap_bytes=CHUNK * COLS * 4 // 2)
+    loaded, was_hit = load_chunk(ds.ref, ("X", "y"), 0, cache=cache)
+    assert not was_hit and cache.held_bytes == 0
+    assert not any(is_off_heap(a) for a in loaded.arrays.values())
+    # Without a budget (a fixed-size cache) chunks stay on the heap as well.
+    fixed = ChunkCache(64 * MiB)
+    kept, _ = load_chunk(ds.ref, ("X", "y"), 0, cache=fixed)
+    assert fixed.held_bytes > 0 and not is_off_heap(kept.arrays["X"])
+
+
+def test_chunks_read_ahead_for_the_cache_are_decoded_into_maps_too(
+    tmp_path: Path,
+) -> None:
+    ds = _store(tmp_path / "d.zarr")
+    view = ds.with_transform("X", shift=[0.5] * COLS, scale=[2.0] * COLS)
+    for source, transformed in ((ds, False), (view, True)):
+        cache = _budgeted_cache()
+        stream = _ChunkStream(
+            source.ref,
+            ("X", "y"),
+            [0, 1],
+            nonfinite="raise",
+            cache=cache,
+            prefetch=True,
+        )
+        try:
+            first, _ = stream.load()
+            second, _ = stream.load()
+        finally:
+            stream.close()
+        assert stream.prefetched == 1
+        for loaded, chunk_id in ((first, 0), (second, 1)):
+            kept, hit = load_chunk(source.ref, ("X", "y"), chunk_id, cache=cache)
+            assert hit
+            # Kept chunks are off the heap either way: decoded there, or (a
+            # transformed field, computed on the heap) copied there.
+            assert all(is_off_heap(a) for a in kept.arrays.values())
+            assert (kept.arrays["X"] is loaded.arrays["X"]) is not transformed
+            assert (
+                kept.arrays["X"].tobytes()
+                == read_chunk(source.ref, "X", chunk_id).tobytes()
+            )
+        assert cache.held_bytes == 2 * (CHUNK * COLS * 4 + CHUNK), transformed
+
+
+def test_off_heap_empty_and_is_off_heap() -> None:
+    a = off_heap_empty((HUGE_PAGE_MIN_BYTES // 4, 3), np.float32)
+    assert a.shape == (HUGE_PAGE_MIN_BYTES // 4, 3) and a.dtype == np.float32
+    assert is_off_heap(a) and is_off_heap(a[10:20]) and is_off_heap(a.T)
+    assert not is_off_heap(a[:5].copy())
+    assert not is_off_heap(off_heap_empty((0, 3), np.float64))
