@@ -40,7 +40,6 @@ import ctypes
 import logging
 import math
 import mmap
-import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -54,6 +53,7 @@ from distributed import WorkerPlugin, get_worker
 from distributed.system import MEMORY_LIMIT
 
 from dasktrain.data.io import ZARR_READ_PEAK_FACTOR
+from dasktrain.monitor.topics import MEMORY_TOPIC, address_order
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +86,9 @@ __all__ = [
 ]
 
 BUDGET_PLUGIN_NAME = "dasktrain-memory"
-#: Topic of the scheduler's event log that gets one per-worker memory table
-#: per epoch end (:func:`memory_rows`; read by the dashboard page).
-MEMORY_TOPIC = "dasktrain-memory"
+# MEMORY_TOPIC (the scheduler's event log topic that gets one per-worker
+# memory table per epoch end, see memory_rows) and address_order come from
+# dasktrain.monitor.topics.
 #: Names the consumers register under: the decoded-chunk cache
 #: (:class:`~dasktrain.engine.cache.ChunkCache`) and the table shard cache.
 CHUNK_CONSUMER = "chunks"
@@ -758,19 +758,6 @@ def reads_since(
 
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else math.nan
-
-
-def address_order(address: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key of worker addresses: text in order, numbers by value, so that
-    ``tcp://10.0.0.2:9`` comes before ``tcp://10.0.0.10:8``.
-
-    Examples
-    --------
-    >>> sorted(["tcp://h:10001", "tcp://h:9999"], key=address_order)
-    ['tcp://h:9999', 'tcp://h:10001']
-    """
-    parts = re.split(r"(\d+)", address)
-    return tuple((1, int(p)) if p.isdigit() else (0, p) for p in parts if p)
 
 
 #: A worker's counters when the fit started: ``(hits, misses)`` by consumer,

@@ -75,6 +75,7 @@ from dasktrain.engine.tasks import (
     worker_threads,
 )
 from dasktrain.models.base import Model
+from dasktrain.monitor.topics import BATCH_KEY, EVENT_TOPIC, ROWS_TOPIC
 from dasktrain.objective import NonFiniteStep, all_finite, step_objective
 from dasktrain.optim.base import Optimizer, advance_counts, apply_updates, is_count
 from dasktrain.partial import (
@@ -107,12 +108,9 @@ KINDS = ("steps", "local")
 FAILED_STEP_ATTRIBUTE = "dasktrain_step"
 #: How often the leader sends the rows of finished steps to the client.
 ROW_FLUSH_SECONDS = 0.25
-#: Topics of the scheduler's event log the rows go to: the dashboard page's,
-#: and the one the client that runs the segment subscribes to.
-EVENT_TOPIC = "dasktrain"
-ROWS_TOPIC = "dasktrain-rows"
-#: The key of a batch of step rows in an event (distinct from a row's ``rows``).
-BATCH_KEY = "step_rows"
+# The topics of the scheduler's event log the rows go to (EVENT_TOPIC: the
+# dashboard page's; ROWS_TOPIC: the client's) and BATCH_KEY come from
+# dasktrain.monitor.topics.
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ float64; the caller casts parameters to that dtype) and return float64 sums.
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -40,6 +41,10 @@ def model_from_config(config: Mapping[str, Any]) -> Model:
     """Rebuild a model from :meth:`Model.config` output (JSON data, no code)."""
     cfg = dict(config)
     kind = cfg.pop("type", None)
+    if kind not in _REGISTRY:
+        # Registered when their modules are imported: all of them are by the
+        # package (``import dasktrain`` does not import it by itself).
+        importlib.import_module("dasktrain.models")
     if kind not in _REGISTRY:
         raise ValueError(f"unknown model type {kind!r}; known: {sorted(_REGISTRY)}")
     return _REGISTRY[kind].from_config(cfg)

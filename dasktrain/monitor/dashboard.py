@@ -59,8 +59,7 @@ from urllib.parse import urljoin
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from dasktrain.engine.budget import MEMORY_TOPIC, address_order
-from dasktrain.engine.rank import BATCH_KEY, EVENT_TOPIC
+from dasktrain.monitor.topics import BATCH_KEY, EVENT_TOPIC, MEMORY_TOPIC, address_order
 
 logger = logging.getLogger(__name__)
 

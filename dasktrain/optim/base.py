@@ -15,6 +15,7 @@ Step-by-step optimizers (SGD, Adam, ...) have ``full_batch_only = False``;
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -47,6 +48,10 @@ def optimizer_from_config(config: Mapping[str, Any]) -> Optimizer:
     """Rebuild an optimizer from :meth:`Optimizer.config` (JSON data, no code)."""
     cfg = dict(config)
     kind = cfg.pop("type", None)
+    if kind not in _REGISTRY:
+        # Registered when their modules are imported: all of them are by the
+        # package (``import dasktrain`` does not import it by itself).
+        importlib.import_module("dasktrain.optim")
     if kind not in _REGISTRY:
         raise ValueError(f"unknown optimizer type {kind!r}; known: {sorted(_REGISTRY)}")
     return _REGISTRY[kind].from_config(cfg)
