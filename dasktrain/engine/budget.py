@@ -42,6 +42,7 @@ import math
 import mmap
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -140,6 +141,11 @@ def release_free_memory() -> bool:
 HUGE_PAGE_MIN_BYTES = 4 << 20
 
 
+#: The maps :func:`anonymous_map` made and that are still alive: a file
+#: mapping (``numpy.memmap`` of a user's file) is not one of them.
+_ANONYMOUS_MAPS: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
+
+
 def anonymous_map(n_bytes: int) -> mmap.mmap:
     """A private anonymous memory map of ``n_bytes``.
 
@@ -155,6 +161,7 @@ def anonymous_map(n_bytes: int) -> mmap.mmap:
         # Without transparent huge pages here: ordinary pages.
         with contextlib.suppress(OSError):
             buffer.madvise(advice)
+    _ANONYMOUS_MAPS.add(buffer)
     return buffer
 
 
@@ -173,7 +180,8 @@ def off_heap_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 
 def is_off_heap(array: np.ndarray) -> bool:
     """Whether ``array``'s memory is an anonymous map of its own
-    (:func:`off_heap_empty`, :func:`off_heap_copy`) rather than the heap.
+    (:func:`off_heap_empty`, :func:`off_heap_copy`) rather than the heap (or
+    a mapped file, which the cache must copy).
 
     Examples
     --------
@@ -186,7 +194,7 @@ def is_off_heap(array: np.ndarray) -> bool:
         base = base.base
     if isinstance(base, memoryview):
         base = base.obj
-    return isinstance(base, mmap.mmap)
+    return isinstance(base, mmap.mmap) and base in _ANONYMOUS_MAPS
 
 
 def off_heap_copy(array: np.ndarray) -> np.ndarray:

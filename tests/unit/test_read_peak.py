@@ -227,3 +227,10 @@ def test_off_heap_empty_and_is_off_heap() -> None:
     assert is_off_heap(a) and is_off_heap(a[10:20]) and is_off_heap(a.T)
     assert not is_off_heap(a[:5].copy())
     assert not is_off_heap(off_heap_empty((0, 3), np.float64))
+
+
+def test_a_mapped_file_is_not_taken_for_a_kept_map(tmp_path: Path) -> None:
+    # A numpy.memmap of a user's file is memory-mapped too, but the cache
+    # must copy it (the file may change; its pages are not the cache's).
+    mapped = np.memmap(tmp_path / "x.f32", dtype=np.float32, mode="w+", shape=(64, 4))
+    assert not is_off_heap(mapped) and not is_off_heap(np.asarray(mapped)[2:5])
