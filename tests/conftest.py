@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 
+# Small steps would run on one rank (dasktrain.ranks.one-rank-work): the
+# tests' small models keep one rank per worker thread, so that they exercise
+# the exchange between ranks (driver processes started by tests inherit it).
+# Tests of the one-rank plan set the key back.
+os.environ["DASK_DASKTRAIN__RANKS__ONE_RANK_WORK"] = "0"
+
+import dask
 import psutil
 import pytest
 from distributed import Client, LocalCluster
+
+dask.config.refresh()
 
 #: Seconds a test cluster may take to close before its workers are killed.
 CLOSE_TIMEOUT = 60

@@ -137,15 +137,20 @@ class SegmentResult:
         return sum(r.cache_misses for r in self.ranks)
 
 
-def rank_addresses(workers: Sequence[WorkerInfo], n_leaves: int) -> list[str]:
+def rank_addresses(
+    workers: Sequence[WorkerInfo], n_leaves: int, max_ranks: int | None = None
+) -> list[str]:
     """The worker of each rank: one rank per worker thread, at most one per
-    leaf, spread over the workers first (thread 0 of every worker, then
-    thread 1, ...), ordered by worker name so that the ranks of one worker
-    hold neighbouring leaves."""
+    leaf (and at most ``max_ranks``), spread over the workers first (thread
+    0 of every worker, then thread 1, ...), ordered by worker name so that
+    the ranks of one worker hold neighbouring leaves."""
     slots: list[WorkerInfo] = []
     for t in range(max((w.nthreads for w in workers), default=0)):
         slots.extend(w for w in workers if t < w.nthreads)
-    chosen = slots[: max(1, min(len(slots), n_leaves))]
+    limit = min(len(slots), n_leaves)
+    if max_ranks is not None:
+        limit = min(limit, max_ranks)
+    chosen = slots[: max(1, limit)]
     order = {w.address: i for i, w in enumerate(workers)}
     return sorted((w.address for w in chosen), key=order.__getitem__)
 
@@ -212,6 +217,8 @@ class SegmentRunner:
         #: workers that froze in a segment: not used until they answer again
         #: why segments were run again (one entry per rerun), oldest first
         self.reruns: list[str] = []
+        #: the ranks of each segment that finished, oldest first
+        self.rank_counts: list[int] = []
         #: workers found frozen -> when they were last asked
         self._suspects: dict[str, float] = {}
 
@@ -227,6 +234,7 @@ class SegmentRunner:
         rank_fn: Callable[..., RankResult] = run_rank,
         prepare: Callable[[SegmentSpec, int], SegmentSpec] | None = None,
         discard: Callable[[SegmentSpec], None] | None = None,
+        max_ranks: int | None = None,
     ) -> SegmentResult:
         """Run the segment ``template`` (its ``key``, ``addresses`` and
         ``leaves`` are filled in here) from ``start``.  ``n_leaves``: leaves
@@ -236,13 +244,14 @@ class SegmentRunner:
         :func:`~dasktrain.engine.rank.run_rank`); ``prepare(spec, attempt)``,
         if given, completes each attempt's spec (e.g. a stage version for
         its writes) and ``discard(spec)`` undoes that for an attempt that
-        lost a rank or failed."""
+        lost a rank or failed.  ``max_ranks``: use at most that many ranks
+        (the bits do not depend on it)."""
         t0 = time.perf_counter()
         token = uuid.uuid4().hex[:10]
         last_error: BaseException | None = None
         for attempt in range(1, SEGMENT_ATTEMPTS + 1):
             workers = self._usable_workers()
-            addresses = rank_addresses(workers, n_leaves)
+            addresses = rank_addresses(workers, n_leaves, max_ranks)
             leaves = tuple(
                 (r.start, r.stop) for r in split_contiguous(n_leaves, len(addresses))
             )
@@ -280,6 +289,7 @@ class SegmentRunner:
                 continue
             result.seconds = time.perf_counter() - t0
             result.attempts = attempt
+            self.rank_counts.append(len(spec.addresses))
             return result
         raise SegmentFailedError(
             f"a segment of {template.store} lost ranks in {SEGMENT_ATTEMPTS} runs; "

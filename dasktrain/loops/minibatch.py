@@ -19,13 +19,67 @@ import math
 import time
 from typing import Any
 
+import dask
+
 from dasktrain.engine.comm import ChannelTimeouts
 from dasktrain.engine.plan import default_n_streams, local_sgd_rounds, steps_per_epoch
 from dasktrain.engine.rank import SegmentSpec
 from dasktrain.engine.segments import SegmentResult, SegmentRunner
+from dasktrain.engine.tasks import chunk_nbytes
 from dasktrain.loops.base import FitLoop
 
-__all__ = ["MinibatchLoop", "resolve_n_streams"]
+__all__ = [
+    "DEFAULT_ONE_RANK_WORK",
+    "ONE_RANK_WORK_KEY",
+    "MinibatchLoop",
+    "one_rank_fits",
+    "resolve_n_streams",
+]
+
+#: Config key: synchronous steps whose work (rows of a step times the
+#: model's parameters) is at most this run on one rank, which computes all
+#: the streams (0: always spread the streams over the workers' threads).
+ONE_RANK_WORK_KEY = "dasktrain.ranks.one-rank-work"
+#: Its default.  On 2 worker processes here a step's exchange between two
+#: ranks costs 1-2 ms, more than the compute it saves below this work (an
+#: MLP 64-256-1 at batch 1,024 is 17 M: one rank ran 1.2-1.5x faster than
+#: two; see benchmarks/README.md).
+DEFAULT_ONE_RANK_WORK = 32_000_000
+#: One rank is used only if the dataset's decoded chunks take at most this
+#: fraction of its worker's memory limit (it then caches all of them).
+ONE_RANK_DATA_FRACTION = 0.25
+
+
+def one_rank_fits(
+    batch_rows: int,
+    n_params: int,
+    data_bytes: int,
+    memory_limit: int,
+    *,
+    work_limit: int | None = None,
+) -> bool:
+    """Whether steps of ``batch_rows`` rows of a model of ``n_params``
+    parameters run faster on one rank than spread over several: the step's
+    work (``batch_rows * n_params``) is at most ``work_limit`` (default: the
+    ``dasktrain.ranks.one-rank-work`` config) and the data (``data_bytes``
+    decoded) fits a quarter of the worker's ``memory_limit`` (0: no limit).
+    The ranks do not change the bits: the streams and their reduction tree
+    are the same.
+
+    Examples
+    --------
+    >>> one_rank_fits(1_024, 101, 800 << 20, 12 << 30)
+    True
+    >>> one_rank_fits(8_192, 16_897, 800 << 20, 12 << 30)
+    False
+    >>> one_rank_fits(1_024, 101, 8 << 30, 12 << 30)
+    False
+    """
+    if work_limit is None:
+        work_limit = int(dask.config.get(ONE_RANK_WORK_KEY, DEFAULT_ONE_RANK_WORK))
+    if work_limit <= 0 or batch_rows * n_params > work_limit:
+        return False
+    return memory_limit <= 0 or data_bytes <= ONE_RANK_DATA_FRACTION * memory_limit
 
 
 def resolve_n_streams(
@@ -70,9 +124,30 @@ class MinibatchLoop(FitLoop):
         if self.local:
             return 0
         # Each stream holds its span's chunk; streams map onto ranks (one
-        # per worker thread) contiguously.
+        # per worker thread, or a single rank for small steps) contiguously.
         threads = sum(w.nthreads for w in self.engine.workers()) or 1
+        if self.rank_limit() == 1:
+            threads = 1
         return math.ceil(self.n_streams / threads)
+
+    def rank_limit(self) -> int | None:
+        """1 if the steps are small enough to run faster on one rank than
+        spread over the workers (:func:`one_rank_fits`), else ``None`` (one
+        rank per worker thread, at most one per stream).  Local-SGD rounds
+        always use every thread."""
+        if self.local or self.n_streams < 2:
+            return None
+        workers = self.engine.workers()
+        if sum(w.nthreads for w in workers) < 2:
+            return None
+        n_params = sum(int(a.size) for a in self.run.params.values())
+        data_bytes = chunk_nbytes(self.data.ref, self.model.fields) * len(
+            self.chunk_ids
+        )
+        limit = min((w.memory_limit for w in workers), default=0)
+        if one_rank_fits(self.batch_rows, n_params, data_bytes, limit):
+            return 1
+        return None
 
     def _epoch_len(self, epoch: int) -> int:
         if not self.local:
@@ -153,6 +228,7 @@ class MinibatchLoop(FitLoop):
             n_leaves=len(self.chunk_ids) if self.local else self.n_streams,
             on_rows=self._live_rows,
             stop_requested=lambda: self.stop_training,
+            max_ranks=self.rank_limit(),
             **hooks,
         )
 

@@ -68,6 +68,10 @@ class TableSegmentsLoop(MinibatchLoop):
             token=self.token,
         )
 
+    def rank_limit(self) -> int | None:
+        """Every thread: the ranks serve the tables' shards."""
+        return None
+
     def run_segment(self, spec: SegmentSpec, **hooks: Any) -> SegmentResult:
         planned = spec.run_step + spec.stop_step - spec.first_step
 
