@@ -144,7 +144,8 @@ class MinibatchLoop(FitLoop):
         data_bytes = chunk_nbytes(self.data.ref, self.model.fields) * len(
             self.chunk_ids
         )
-        limit = min((w.memory_limit for w in workers), default=0)
+        # The tightest limit (0: none) of the workers the rank may land on.
+        limit = min((w.memory_limit for w in workers if w.memory_limit > 0), default=0)
         if one_rank_fits(self.batch_rows, n_params, data_bytes, limit):
             return 1
         return None
